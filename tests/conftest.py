@@ -1,17 +1,10 @@
-"""Shared fixtures: the tiny models (built once per session) and free loopback ports."""
+"""Shared fixtures: the tiny models (built once per session)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
