@@ -21,6 +21,7 @@ import httpx
 
 from hybrid_pd import launch
 from hybrid_pd.metrics import scrape_nixl_metrics
+from hybrid_pd.tiny_models import engine_args_for
 
 WORDS = (
     "the prefill engine computes the attention cache and the mamba state while the decode "
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = launch.LaunchConfig(
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
-        cpu_bind=args.cpu_bind, engine_args=tuple(args.extra),
+        cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
     )
     run_dir = args.run_dir or launch.default_run_dir("demo")
     ports = launch.ports_from_args(args)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from hybrid_pd.tiny_models import engine_args_for
+
 CONNECTORS = {
     # name -> (kv_connector, kv_connector_module_path or None)
     "upstream": ("NixlConnector", None),
@@ -56,6 +58,8 @@ class LaunchConfig:
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
     cpu_bind: str = "split"
+    # kv_connector_extra_config entries (see default_kv_extra)
+    kv_extra: tuple[tuple[str, object], ...] = ()
     engine_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
 
@@ -63,7 +67,24 @@ class LaunchConfig:
 # -- pure command/env construction (unit-tested) ----------------------------------------
 
 
-def kv_transfer_config(role: str, connector: str) -> dict | None:
+def default_kv_extra(num_cores: int, lease_s: int = 120) -> tuple[tuple[str, object], ...]:
+    """Our defaults for vLLM's ``kv_connector_extra_config``.
+
+    kv_lease_duration: seconds P keeps a request's blocks for D before freeing them
+        (upstream: 30). On a loaded small machine a D request can wait longer than 30 s;
+        P then frees blocks D has not read yet and D reads whatever is there now.
+    num_threads: NIXL's UCX worker threads per agent (upstream: 4). On few cores those
+        threads starve the engines: measured on 2 cores, P/D requests stalled 15–30 s
+        in 3 of 8 requests with 4 threads and never with 1 (~0.4–2.2 s each).
+    """
+    extra: list[tuple[str, object]] = [("kv_lease_duration", lease_s)]
+    if num_cores < 8:
+        extra.append(("num_threads", 1))
+    return tuple(extra)
+
+
+
+def kv_transfer_config(role: str, connector: str, extra: dict | None = None) -> dict | None:
     if role == "single":
         return None
     if connector not in CONNECTORS:
@@ -76,6 +97,8 @@ def kv_transfer_config(role: str, connector: str) -> dict | None:
     }
     if module_path:
         cfg["kv_connector_module_path"] = module_path
+    if extra:
+        cfg["kv_connector_extra_config"] = dict(extra)
     return cfg
 
 
@@ -88,7 +111,8 @@ def engine_command(cfg: LaunchConfig, spec: EngineSpec, python: str = sys.execut
     ]
     if cfg.enforce_eager and "--no-enforce-eager" not in cfg.engine_args:
         cmd.append("--enforce-eager")
-    kvt = kv_transfer_config(spec.role, cfg.connector)
+    extra = dict(cfg.kv_extra) or dict(default_kv_extra(len(os.sched_getaffinity(0))))
+    kvt = kv_transfer_config(spec.role, cfg.connector, extra)
     if kvt is not None:
         cmd += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
     cmd += [a for a in cfg.engine_args if a != "--no-enforce-eager"]
@@ -392,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = LaunchConfig(
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
-        cpu_bind=args.cpu_bind, engine_args=tuple(args.extra),
+        cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
     )
     run_dir = args.run_dir or default_run_dir("serve")
     sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp)

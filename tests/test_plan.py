@@ -37,16 +37,9 @@ from hybrid_pd.connector.plan import (
 )
 
 HERE = Path(__file__).parent
-TINY = json.loads((HERE / "tiny_nemotron_h_config.json").read_text())
-NEMOTRON_8B = json.loads(Path("/work/shared/configs/nemotron-h-8b.config.json").read_text()) \
-    if Path("/work/shared/configs/nemotron-h-8b.config.json").exists() else {
-        "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"],
-        "hidden_size": 4096, "num_hidden_layers": 52,
-        "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "mamba_num_heads": 128, "mamba_head_dim": 64, "n_groups": 8,
-        "ssm_state_size": 128, "conv_kernel": 4, "chunk_size": 128,
-    }
+TINY = json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text())
+# BRIEF §4's public Nemotron-H-8B layout fields (a copy of shared/configs/).
+NEMOTRON_8B = json.loads((HERE / "data" / "nemotron-h-8b.config.json").read_text())
 TPS = (1, 2, 4, 8)
 
 

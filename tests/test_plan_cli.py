@@ -11,8 +11,8 @@ import pytest
 
 from hybrid_pd.cli import main
 
-TINY = str(Path(__file__).parent / "tiny_nemotron_h_config.json")
-CFG_8B = "/work/shared/configs/nemotron-h-8b.config.json"
+TINY = str(Path(__file__).parent / "data" / "tiny_nemotron_h_config.json")
+CFG_8B = str(Path(__file__).parent / "data" / "nemotron-h-8b.config.json")
 
 
 def run_json(capsys, *args: str) -> dict:
@@ -37,7 +37,6 @@ def test_json_contract(capsys) -> None:
     assert out["descriptors_total"] <= out["descriptors_upstream"]
 
 
-@pytest.mark.skipif(not Path(CFG_8B).exists(), reason="shared 8B config not present")
 def test_8b_numbers(capsys) -> None:
     out = run_json(capsys, "--config", CFG_8B, "--prefill-tp", "1", "--decode-tp", "1",
                    "--num-tokens", "1000")
@@ -79,3 +78,15 @@ def test_module_entry_point() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["bytes_total"] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-nemotron-h", "tiny-nemotron-h-g1"])
+@pytest.mark.parametrize(("p_tp", "d_tp"), [(1, 1), (1, 2), (2, 1)])
+def test_plan_for_the_built_tiny_models(capsys, tiny_models, name, p_tp, d_tp) -> None:
+    """The configs vLLM actually serves (written by transformers, `layers_block_type`)."""
+    cfg = str(tiny_models[name] / "config.json")
+    for n in (1, 127, 128, 129, 700):
+        out = run_json(capsys, "--config", cfg, "--prefill-tp", str(p_tp), "--decode-tp", str(d_tp),
+                       "--num-tokens", str(n))
+        assert out["bytes_total"] == out["bytes_optimal"], (name, p_tp, d_tp, n)
+        assert out["descriptors_total"] <= out["descriptors_upstream"]
