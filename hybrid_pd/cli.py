@@ -15,6 +15,7 @@ _COMMANDS: dict[str, str] = {
     "demo": "hybrid_pd.demo",
     "patches": "hybrid_pd.engine_patches.cli",
     "plan": "hybrid_pd.connector.plan_cli",
+    "bench": "hybrid_pd.connector.bench_cli",
 }
 
 
