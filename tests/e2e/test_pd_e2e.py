@@ -111,6 +111,12 @@ def test_hybrid_pd_matches_single_engine(tiny_models, tmp_path):
             r = c.post(f"http://127.0.0.1:{ports.proxy}/v1/chat/completions", json=chat)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] is not None
+            # a request P refuses comes back as P's HTTP error with its cause, not a hang
+            r = c.post(f"http://127.0.0.1:{ports.proxy}/v1/completions", json=body(model, token_prompt(5000)))
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"].startswith("prefill engine: HTTP 400:"), r.text
+            # and the engines keep serving afterwards
+            assert generate(c, f"http://127.0.0.1:{ports.proxy}", model, prompts[:1]) == ref[:1]
 
 
 def test_dense_pd_via_serve_cli_and_clean_shutdown(tiny_models, tmp_path):
