@@ -1,0 +1,289 @@
+"""One rank process of ``hybrid-pd bench``: ``python -m hybrid_pd.connector.bench_worker
+HOST PORT ROLE RANK``.
+
+It connects to the coordinator, builds its real HMA-layout regions (only the blocks the
+bench's request uses, plus the null block and a spare), fills them from the seeded
+reference state, registers them with NIXL and answers commands:
+
+* P (prefill) rank: regions = noise, then its shard of the request's pages written in
+  (so a read of a wrong block or of another rank's bytes shows up as noise); it tracks
+  leases and reports which were freed by D's notifications.
+* D (decode) rank: regions = sentinel; after each READ every byte of every region is
+  compared with the expected image (the reference shard inside the transferable bytes,
+  sentinel everywhere else - so padding and unowned bytes must stay untouched).
+
+Both also hold a contiguous baseline buffer for the raw READ of the same byte count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from hybrid_pd.connector import handshake as hs
+from hybrid_pd.connector import wire
+from hybrid_pd.connector.bench import BenchCase, build_case
+from hybrid_pd.connector.nixl_executor import (
+    LeaseTable,
+    NixlExecutor,
+    RequestResult,
+    make_agent,
+)
+from hybrid_pd.connector.reshard import make_full_state, shard_rank
+
+SENTINEL = 0xC3  # D bytes nobody may write
+NOISE_SEED = 99
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if the coordinator dies, so do we (no orphaned NIXL agents)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _page_images(case: BenchCase, role: str, rank: int) -> dict[tuple[int, int], Any]:
+    state = make_full_state(case.spec, case.num_tokens, seed=case.seed)
+    layout = case.prefill if role == "prefill" else case.decode
+    ids = case.prefill_ids if role == "prefill" else case.decode_ids
+    return shard_rank(case.spec, layout, rank, state, ids, case.num_tokens)
+
+
+class Rank:
+    """One rank: a NIXL agent kept for the process's life, and the current case's
+    regions / executor (rebuilt by ``configure`` so tests reuse the process)."""
+
+    def __init__(self, role: str, rank: int, init: dict[str, Any]) -> None:
+        self.role, self.rank = role, rank
+        affinity = os.sched_getaffinity(0)
+        self.agent = make_agent(f"{init['run_id']}-{role}{rank}",
+                                num_threads=int(init["num_threads"]))
+        if os.sched_getaffinity(0) != affinity:  # NIXL may pin us to the last core
+            os.sched_setaffinity(0, affinity)
+        self.ex: NixlExecutor | None = None
+        self.configure(init)
+
+    def configure(self, init: dict[str, Any]) -> None:
+        if self.ex is not None:
+            self.ex.close()
+            self.ex = None
+        role, rank = self.role, self.rank
+        self.case = build_case(init, role)
+        self.timeout_s = float(init["timeout_s"])
+        layout = self.case.prefill if role == "prefill" else self.case.decode
+        self.layout = layout
+        self.regions = [np.empty(layout.region_bytes, dtype=np.uint8)
+                        for _ in range(layout.num_regions)]
+        pages = _page_images(self.case, role, rank)
+        page = layout.page_size_bytes
+        self.padding = pages.padding
+        if role == "prefill":
+            rng = np.random.default_rng(NOISE_SEED + rank)
+            for r in self.regions:
+                r[:] = np.frombuffer(rng.bytes(r.size), dtype=np.uint8)
+            for (region, block), buf in pages.pages.items():
+                self.regions[region][block * page:(block + 1) * page] = buf
+            self.expected: list[np.ndarray] = []
+        else:
+            self.expected = [np.full(layout.region_bytes, SENTINEL, dtype=np.uint8)
+                             for _ in range(layout.num_regions)]
+            for (region, block), buf in pages.pages.items():
+                base = block * page
+                for lo, hi in pages.allowed[(region, block)]:
+                    self.expected[region][base + lo:base + hi] = buf[lo:hi]
+            self._reset()
+        # Baseline: P serves the largest per-peer byte count any D reads from it; D
+        # holds one slot per peer it reads from.
+        self.baseline_slots: dict[int, tuple[int, int]] = {}
+        if role == "prefill":
+            need = max([r.bytes for p in self.case.plans.values() for r in p.reads
+                        if r.prefill_rank == rank] or [1])
+            self.baseline = np.full(need, 0x11, dtype=np.uint8)  # touched: resident pages
+        else:
+            off = 0
+            for r in self.case.plans[rank].reads:
+                self.baseline_slots[r.prefill_rank] = (off, r.bytes)
+                off += r.bytes
+            self.baseline = np.zeros(max(off, 1), dtype=np.uint8)
+        self.ex = NixlExecutor(self.agent_name, self.regions, mode=init["mode"],
+                               agent=self.agent)
+        self.baseline_addr, _ = self.ex.register_extra(self.baseline)
+        self.meta = self.ex.metadata(
+            engine_id=role, spec=self.case.spec, layout=layout, rank=rank
+        )
+        self.leases = LeaseTable()
+        self.remote_baseline: dict[int, int] = {}
+
+    @property
+    def agent_name(self) -> str:
+        return str(self.agent.name)
+
+    def setup_reply(self) -> dict[str, Any]:
+        return {"ok": True, "handshake": hs.encode(self.meta),
+                "baseline": [self.baseline_addr, int(self.baseline.nbytes)]}
+
+    def _reset(self) -> None:
+        for r in self.regions:
+            r.fill(SENTINEL)
+
+    # -- commands -------------------------------------------------------------------
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg["op"]
+        if op == "setup":
+            self.configure(msg)
+            return self.setup_reply()
+        if op == "peers":
+            return self.peers(msg)
+        if op == "read":
+            return self.read(msg)
+        if op == "lease":
+            for rid in msg["request_ids"]:
+                self.leases.add(rid, int(msg["readers"]), float(msg["lease_s"]))
+            return {"ok": True}
+        if op == "leases":
+            deadline = time.monotonic() + float(msg.get("wait_s", 5.0))
+            while True:
+                self.leases.poll(self.ex.agent)
+                if not self.leases.held() or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            return {"ok": True, "leases": {r: lease.freed for r, lease in
+                                           self.leases.leases.items()}}
+        raise ValueError(f"unknown op {op!r}")
+
+    def peers(self, msg: dict[str, Any]) -> dict[str, Any]:
+        wanted = {r.prefill_rank for r in self.case.plans[self.rank].reads}
+        for blob in msg["handshakes"]:
+            remote = hs.decode(blob, who="prefill peer")
+            if remote.layout.rank in wanted:
+                self.ex.add_peer(remote)
+        self.remote_baseline = {int(k): int(v) for k, v in msg["baselines"].items()}
+        return {"ok": True}
+
+    def read(self, msg: dict[str, Any]) -> dict[str, Any]:
+        rid = msg["request_id"]
+        timeout = float(msg.get("timeout_s", self.timeout_s))
+        if msg["kind"] == "baseline":
+            # Written just before, like the hybrid regions (reset to the sentinel), so
+            # both READs land in equally freshly-dirtied destination memory.
+            self.baseline.fill(0)
+            spans = {
+                ("prefill", p): ((self.baseline_addr + off, n), (self.remote_baseline[p], n))
+                for p, (off, n) in self.baseline_slots.items()
+            }
+            res = self.ex.read_contiguous(rid, spans, timeout_s=timeout)
+            return {"ok": True, "result": _result_dict(res)}
+        self._reset()  # outside the timed window
+        plan = self.case.unmerged_plans[self.rank]
+        res = self.ex.read_request(
+            rid, plan, engine_id="prefill", decode_block_ids=self.case.decode_ids,
+            per_layer=bool(msg["per_layer"]), timeout_s=timeout,
+        )
+        out = {"ok": True, "result": _result_dict(res)}
+        if res.status == "ok":
+            out["verify"] = self.verify()
+        return out
+
+    def verify(self) -> str:
+        """'' when every byte of every region equals the expected image, else where not."""
+        page = self.layout.page_size_bytes
+        for region, (got, want) in enumerate(zip(self.regions, self.expected, strict=True)):
+            if np.array_equal(got, want):
+                continue
+            bad = np.flatnonzero(got != want)
+            off = int(bad[0])
+            block, lo = divmod(off, page)
+            pad = self.padding.get((region, block))
+            where = ("padding" if pad and pad[0] <= lo < pad[1] else
+                     "a byte outside the transfer" if want[off] == SENTINEL else
+                     "transferred state")
+            return (f"D rank {self.rank}: region {region}: {bad.size} bytes differ; first at "
+                    f"block {block} offset {lo} ({where}): got {got[off]:#04x}, expected "
+                    f"{want[off]:#04x}")
+        return ""
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.close()
+
+
+def _result_dict(res: RequestResult) -> dict[str, Any]:
+    return {
+        "status": res.status,
+        "reason": res.reason,
+        "t_start_ns": res.t_start_ns,
+        "t_end_ns": res.t_end_ns,
+        "bytes": res.bytes,
+        "descriptors": res.descriptors,
+        "notified": res.notified,
+        "reads": [
+            {
+                "prefill_rank": r.prefill_rank,
+                "layer": r.layer,
+                "bytes": r.bytes,
+                "descriptors": r.descriptors,
+                "status": r.status,
+                "reason": r.reason,
+                "t_make_ns": r.t_make_ns,
+                "t_created_ns": r.t_created_ns,
+                "t_post_ns": r.t_post_ns,
+                "t_done_ns": r.t_done_ns,
+                "telemetry": None if r.telemetry is None else {
+                    "post_us": r.telemetry.post_us,
+                    "xfer_us": r.telemetry.xfer_us,
+                    "total_bytes": r.telemetry.total_bytes,
+                    "desc_count": r.telemetry.desc_count,
+                },
+            }
+            for r in res.reads
+        ],
+    }
+
+
+def main(argv: list[str]) -> int:
+    host, port, role, rank_s = argv
+    rank = int(rank_s)
+    _die_with_parent()
+    who = f"{role} rank {rank}"
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    worker: Rank | None = None
+    try:
+        wire.send(sock, {"hello": role, "rank": rank, "pid": os.getpid()})
+        init = wire.recv(sock, 120, "coordinator")
+        try:
+            worker = Rank(role, rank, init)
+            wire.send(sock, worker.setup_reply())
+        except Exception as exc:
+            wire.send(sock, {"ok": False, "error": f"{who}: setup failed: {exc}",
+                             "trace": traceback.format_exc()})
+            return 1
+        while True:
+            msg = wire.recv(sock, None, "coordinator")
+            if msg.get("op") == "stop":
+                wire.send(sock, {"ok": True})
+                return 0
+            try:
+                reply = worker.handle(msg)
+            except Exception as exc:  # report, keep serving (e.g. a refused handshake)
+                reply = {"ok": False, "error": f"{who}: {exc}", "trace": traceback.format_exc()}
+            wire.send(sock, reply)
+    except wire.WireError:
+        return 3  # coordinator went away
+    finally:
+        if worker is not None:
+            worker.close()
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""Handshake metadata: msgpack round trip, compatibility refusals that name both sides'
+values, version and corruption checks.  No GPU or NIXL required (agent metadata is a
+fake blob)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from hybrid_pd.connector import handshake as hs
+from hybrid_pd.connector.layout import build_engine_layout
+from hybrid_pd.connector.model_spec import spec_from_hf_config
+
+HERE = Path(__file__).parent
+TINY = spec_from_hf_config(json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text()))
+NEMO = spec_from_hf_config(json.loads((HERE / "data" / "nemotron-h-8b.config.json").read_text()))
+
+
+def meta(spec=TINY, tp=1, rank=0, *, engine="p0", conv="DS", kernel=16, blocks=8,
+         region_len=None, **kw) -> hs.HandshakeMetadata:
+    lay = build_engine_layout(spec, tp, kernel_block_size=kernel, num_blocks=blocks,
+                              conv_layout=conv)
+    n = region_len or lay.region_bytes
+    regions = [(4096 + i * (n + 4096), n) for i in range(lay.num_regions)]
+    return hs.build_metadata(engine_id=engine, agent_name=f"{engine}-{rank}",
+                             agent_metadata=b"\x00fake-agent", spec=spec, layout=lay,
+                             rank=rank, regions=regions, **kw)
+
+
+def test_roundtrip_msgpack_no_pickle() -> None:
+    m = meta(NEMO, tp=2, rank=1)
+    blob = hs.encode(m)
+    assert b"\x80\x04" not in blob[:2]  # not a pickle protocol header
+    assert hs.decode(blob) == m
+    spec, lay = hs.engine_layout(m)
+    assert spec == NEMO and lay.tp == 2 and lay.page_size_bytes == m.layout.page_size_bytes
+
+
+def test_compatible_across_tp_and_block_counts() -> None:
+    # Different TP, rank and block count are the normal case: accepted.
+    hs.check_compatible(meta(NEMO, 1, engine="d0"), meta(NEMO, 2, 1, blocks=30))
+
+
+@pytest.mark.parametrize(
+    ("field", "local_kw", "remote_kw", "ours", "theirs"),
+    [
+        ("model.kv_dtype", {}, {"spec": TINY.with_dtypes(kv_dtype="float16")},
+         "'bfloat16'", "'float16'"),
+        ("model.ssm_dtype", {}, {"spec": TINY.with_dtypes(ssm_dtype="bfloat16")},
+         "'float32'", "'bfloat16'"),
+        ("conv_layout", {}, {"conv": "SD"}, "'DS'", "'SD'"),
+        ("kernel_block_size", {}, {"kernel": 32}, "16", "32"),
+        ("model.num_kv_heads", {}, {"spec": replace(TINY, num_kv_heads=2)}, "4", "2"),
+    ],
+)
+def test_refused_names_both_values(field, local_kw, remote_kw, ours, theirs) -> None:
+    local = meta(engine="d0", **local_kw)
+    remote = meta(**remote_kw)
+    with pytest.raises(hs.HandshakeError) as err:
+        hs.check_compatible(local, remote)
+    msg = str(err.value)
+    line = next(x for x in msg.splitlines() if x.strip().startswith(field + ":"))
+    assert f"local (d0 rank 0) {ours}" in line, msg
+    assert f"{theirs}" in line.split("!=")[1] and "p0 rank 0" in line, msg
+
+
+def test_model_mismatch_refused() -> None:
+    with pytest.raises(hs.HandshakeError, match=r"model\.mamba_num_heads: local .* 8 != .* 128"):
+        hs.check_compatible(meta(TINY, engine="d0"), meta(NEMO))
+
+
+def test_version_checked_before_schema() -> None:
+    raw = msgspec.msgpack.decode(hs.encode(meta()))
+    raw["version"] = 99
+    raw["new_field_of_v99"] = 1
+    with pytest.raises(hs.HandshakeError, match="version 99, ours is 1"):
+        hs.decode(msgspec.msgpack.encode(raw), who="prefill p0")
+    with pytest.raises(hs.HandshakeError, match="not valid msgpack"):
+        hs.decode(b"\xc1garbage")
+    del raw["new_field_of_v99"]
+    raw["version"] = 1
+    raw["regions"] = "nope"
+    with pytest.raises(hs.HandshakeError, match="malformed"):
+        hs.decode(msgspec.msgpack.encode(raw))
+
+
+def test_corrupted_hash_refused() -> None:
+    remote = msgspec.structs.replace(meta(), compat_hash="0" * 16)
+    with pytest.raises(hs.HandshakeError, match="compatibility hash"):
+        hs.check_compatible(meta(engine="d0"), remote)
+
+
+def test_inconsistent_layout_refused() -> None:
+    m = meta()
+    bad_page = msgspec.structs.replace(
+        m, layout=msgspec.structs.replace(m.layout, page_size_bytes=m.layout.page_size_bytes + 2))
+    with pytest.raises(hs.HandshakeError, match="page"):
+        hs.check_compatible(meta(engine="d0"), bad_page)
+    short = meta(region_len=100)
+    with pytest.raises(hs.HandshakeError, match="region 0 .* smaller than"):
+        hs.check_compatible(meta(engine="d0"), short)
+    bad_rank = msgspec.structs.replace(m, layout=msgspec.structs.replace(m.layout, rank=3))
+    with pytest.raises(hs.HandshakeError, match="rank 3 out of range for TP=1"):
+        hs.check_compatible(meta(engine="d0"), bad_rank)
