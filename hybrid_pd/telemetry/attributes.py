@@ -1,0 +1,240 @@
+"""The ONE place where hybrid-pd's span names and attribute keys are defined.
+
+Every span we emit (executor, connector, proxy, bench, upstream instrumentor) takes its
+name and attribute keys from here, the SQLite exporter promotes some of them to columns
+(``PROMOTED_COLUMNS``), and ``docs/telemetry.md`` is rendered from the registries below
+by :func:`render_schema` (a test keeps the two in sync).
+
+Namespaces:
+
+* ``hybrid_pd.*`` -- who emitted the span and for which request (role, engine, request).
+* ``kv.*`` -- the KV-cache transfer itself: layer, view, bytes, descriptors, ranks, NIXL.
+* ``gen_ai.*`` -- only where the OpenTelemetry GenAI semantic conventions already name the
+  thing (model, token *counts*, operation); the spellings are checked against the
+  ``opentelemetry-semantic-conventions`` package in the tests.
+
+Privacy rule: no prompt text, completion text or token ids ever go into a span; only
+counts and sizes.  ``FORBIDDEN_KEY_PARTS`` encodes that rule and the tests enforce it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opentelemetry.trace import Span, Status, StatusCode
+
+# --------------------------------------------------------------------------- span names
+
+# Descriptor builds.  One name, three scopes (``kv.desc.scope``): local registration,
+# remote (once per handshake) and the per-request block-id -> descriptor-id mapping, so
+# a dashboard can ask "all descriptor work" with one ``name =`` predicate.
+SPAN_KV_DESC_BUILD = "hybrid_pd.kv.desc_build"
+# One NIXL READ handle (per request, or per layer when the plan reads per layer).
+SPAN_KV_READ = "hybrid_pd.kv.read"
+# The decode side's whole KV pull for one request; parent of its read spans.
+SPAN_KV_TRANSFER = "hybrid_pd.kv.transfer"
+# Once per P-D pair: agent metadata exchange and remote descriptor registration.
+SPAN_KV_HANDSHAKE = "hybrid_pd.kv.handshake"
+# D tells P that it may free the request's blocks.
+SPAN_KV_NOTIFY = "hybrid_pd.kv.notify"
+# A transfer that made no progress for longer than the stall threshold.
+SPAN_KV_STALL = "hybrid_pd.kv.stall"
+# A transfer given up (timeout, dead peer, bad handshake); blocks are released.
+SPAN_KV_ABORT = "hybrid_pd.kv.abort"
+# The proxy's view of one client request (root of the per-request trace).
+SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
+# The proxy's call to the prefill engine / the decode engine.
+SPAN_PROXY_PREFILL = "hybrid_pd.proxy.prefill"
+SPAN_PROXY_DECODE = "hybrid_pd.proxy.decode"
+# An engine's handling of one request (under the proxy span via W3C traceparent).
+SPAN_ENGINE_PREFILL = "hybrid_pd.engine.prefill"
+SPAN_ENGINE_DECODE = "hybrid_pd.engine.decode"
+
+SPANS: dict[str, str] = {
+    SPAN_KV_DESC_BUILD: "Descriptor list build; `kv.desc.scope` says local registration, "
+    "remote (per handshake) or the per-request block-id -> descriptor-id mapping.",
+    SPAN_KV_READ: "One NIXL READ handle: post to DONE/ERR; per layer when the plan reads per layer.",
+    SPAN_KV_TRANSFER: "Decode side: all reads of one request (parent of its `hybrid_pd.kv.read` spans).",
+    SPAN_KV_HANDSHAKE: "Once per P-D pair: agent metadata, base addresses, block counts.",
+    SPAN_KV_NOTIFY: "D notifies P that the request's blocks may be freed.",
+    SPAN_KV_STALL: "A transfer without progress for longer than the stall threshold.",
+    SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks released.",
+    SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root).",
+    SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
+    SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
+    SPAN_ENGINE_PREFILL: "The prefill engine's handling of one request.",
+    SPAN_ENGINE_DECODE: "The decode engine's handling of one request.",
+}
+
+# ----------------------------------------------------------------------- attribute keys
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    """One attribute key: its OTel value type and what it means (for the schema doc)."""
+
+    key: str
+    type: str  # "string" | "int" | "double" | "bool"
+    meaning: str
+
+
+# Who / which request.  Role and engine id are also resource attributes (set once by
+# setup.configure_tracing); they are repeated on a span only when it differs.
+ROLE = "hybrid_pd.role"
+ENGINE_ID = "hybrid_pd.engine_id"
+REQUEST_ID = "hybrid_pd.request_id"
+CONNECTOR = "hybrid_pd.connector"
+
+# GenAI semantic conventions (names must match opentelemetry-semantic-conventions).
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+
+# KV transfer.
+KV_DESC_SCOPE = "kv.desc.scope"
+KV_VIEW = "kv.view"
+KV_LAYER = "kv.layer"
+KV_LAYER_KIND = "kv.layer_kind"
+KV_GROUP = "kv.group"
+KV_BYTES = "kv.bytes"
+KV_DESCRIPTORS = "kv.descriptors"
+KV_BLOCKS = "kv.blocks"
+KV_BLOCK_RATIO = "kv.block_ratio"
+KV_RANK = "kv.rank"
+KV_TP_SIZE = "kv.tp_size"
+KV_PEER_RANK = "kv.peer_rank"
+KV_PEER_TP_SIZE = "kv.peer_tp_size"
+KV_PEER_ENGINE_ID = "kv.peer_engine_id"
+KV_BACKEND = "kv.backend"
+KV_STATUS = "kv.status"
+KV_FAILURE_REASON = "kv.failure_reason"
+KV_NIXL_POST_US = "kv.nixl.post_us"
+KV_NIXL_XFER_US = "kv.nixl.xfer_us"
+KV_NIXL_DESC_COUNT = "kv.nixl.desc_count"
+KV_COMPLETION_LAG_NS = "kv.completion_lag_ns"
+KV_WAITED_MS = "kv.waited_ms"
+
+ATTRIBUTES: dict[str, AttrSpec] = {
+    a.key: a
+    for a in (
+        AttrSpec(ROLE, "string", "Process role: `prefill`, `decode`, `proxy` or `bench`."),
+        AttrSpec(ENGINE_ID, "string", "Engine instance id (NIXL agent / vLLM engine id)."),
+        AttrSpec(REQUEST_ID, "string", "Request id as the proxy assigned it (shared by P and D)."),
+        AttrSpec(CONNECTOR, "string", "Which connector moved the KV: `hybrid` (ours) or `upstream`."),
+        AttrSpec(GEN_AI_REQUEST_MODEL, "string", "Model name as requested (GenAI semconv)."),
+        AttrSpec(GEN_AI_OPERATION_NAME, "string", "`text_completion` or `chat` (GenAI semconv)."),
+        AttrSpec(GEN_AI_PROVIDER_NAME, "string", "Serving system, always `vllm` (GenAI semconv)."),
+        AttrSpec(GEN_AI_REQUEST_MAX_TOKENS, "int", "Requested max output tokens (GenAI semconv)."),
+        AttrSpec(GEN_AI_USAGE_INPUT_TOKENS, "int", "Prompt length in tokens, a count only (GenAI semconv)."),
+        AttrSpec(GEN_AI_USAGE_OUTPUT_TOKENS, "int", "Generated tokens, a count only (GenAI semconv)."),
+        AttrSpec(GEN_AI_RESPONSE_ID, "string", "Completion id returned to the client (GenAI semconv)."),
+        AttrSpec(KV_DESC_SCOPE, "string", "Descriptor build scope: `local`, `remote` or `request`."),
+        AttrSpec(KV_VIEW, "string", "Descriptor view: `fa`, `conv_x`, `conv_b`, `conv_c`, `ssm` or `all`."),
+        AttrSpec(KV_LAYER, "int", "Layer index in the model (absent when the span covers all layers)."),
+        AttrSpec(KV_LAYER_KIND, "string", "Layer kind: `attention` or `mamba` (or `mixed` for a whole-request read)."),
+        AttrSpec(KV_GROUP, "int", "HMA KV-cache group index."),
+        AttrSpec(KV_BYTES, "int", "Bytes moved (read) or described (desc_build)."),
+        AttrSpec(KV_DESCRIPTORS, "int", "Number of descriptors built or posted."),
+        AttrSpec(KV_BLOCKS, "int", "Number of blocks involved."),
+        AttrSpec(KV_BLOCK_RATIO, "int", "Logical/kernel block ratio used (the remote one for remote ids)."),
+        AttrSpec(KV_RANK, "int", "Local TP rank."),
+        AttrSpec(KV_TP_SIZE, "int", "Local TP size."),
+        AttrSpec(KV_PEER_RANK, "int", "Remote TP rank read from / notified."),
+        AttrSpec(KV_PEER_TP_SIZE, "int", "Remote TP size."),
+        AttrSpec(KV_PEER_ENGINE_ID, "string", "Remote engine id."),
+        AttrSpec(KV_BACKEND, "string", "NIXL backend, e.g. `UCX`."),
+        AttrSpec(KV_STATUS, "string", "Transfer outcome: `done`, `failed`, `timeout` or `aborted`."),
+        AttrSpec(KV_FAILURE_REASON, "string", "Why a transfer failed (short, no payload data)."),
+        AttrSpec(KV_NIXL_POST_US, "double", "NIXL's own post duration (`get_xfer_telemetry`), microseconds."),
+        AttrSpec(KV_NIXL_XFER_US, "double", "NIXL's own transfer duration (`get_xfer_telemetry`), microseconds."),
+        AttrSpec(KV_NIXL_DESC_COUNT, "int", "NIXL's descriptor count after merging adjacent descriptors."),
+        AttrSpec(KV_COMPLETION_LAG_NS, "int", "Span end minus the first poll that saw DONE: how late the span closed."),
+        AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress."),
+    )
+}
+
+# Key substrings that would mean payload data (prompt/completion text, token ids, GenAI
+# message bodies).  No registered key may contain one (enforced by the tests).
+FORBIDDEN_KEY_PARTS: tuple[str, ...] = (
+    "prompt", "token_ids", "text", "messages", "instructions", "gen_ai.completion",
+)
+
+# SQLite exporter: column -> attribute key it is promoted from.  Column names are a
+# public interface (people query the database with plain SQL): keep them stable.
+PROMOTED_COLUMNS: dict[str, str] = {
+    "request_id": REQUEST_ID,
+    "layer": KV_LAYER,
+    "layer_kind": KV_LAYER_KIND,
+    "bytes": KV_BYTES,
+    "descriptors": KV_DESCRIPTORS,
+    "rank": KV_RANK,
+    "peer_rank": KV_PEER_RANK,
+    "role": ROLE,
+    "engine_id": ENGINE_ID,
+}
+
+# Resource attributes set by setup.configure_tracing (besides service.name).
+RESOURCE_ROLE = ROLE
+RESOURCE_ENGINE_ID = ENGINE_ID
+RESOURCE_PID = "process.pid"
+RESOURCE_SERVICE_NAME = "service.name"
+
+AttrValue = str | bool | int | float
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def set_attrs(span: Span, attrs: Mapping[str, AttrValue | None]) -> None:
+    """Set ``attrs`` on ``span``; ``None`` values are skipped.
+
+    Does nothing unless the span is recording, so a sampled-out or no-op span costs one
+    call (STYLE §1: compute attributes only under ``is_recording()``).  Callers that
+    must *compute* values should check ``span.is_recording()`` themselves first.
+    """
+    if not span.is_recording():
+        return
+    span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+
+
+def mark_failed(span: Span, reason: str, exc: BaseException | None = None) -> None:
+    """Mark a transfer span as failed: status ERROR, ``kv.status``, ``kv.failure_reason``.
+
+    The caller still re-raises ``exc``: telemetry records failures, it never hides them.
+    Open the span with ``set_status_on_exception=False`` to keep the short ``reason`` as
+    the status description (the SDK otherwise overwrites it with the exception text).
+    """
+    if not span.is_recording():
+        return
+    span.set_attributes({KV_STATUS: "failed", KV_FAILURE_REASON: reason})
+    if exc is not None:
+        span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, reason))
+
+
+def render_schema() -> str:
+    """The schema doc (Markdown) -- the text of ``docs/telemetry.md``'s generated part."""
+    out: list[str] = [
+        "## Span names",
+        "",
+        "| name | meaning |",
+        "|---|---|",
+    ]
+    out += [f"| `{name}` | {meaning} |" for name, meaning in SPANS.items()]
+    out += ["", "## Attributes", "", "| key | type | meaning |", "|---|---|---|"]
+    out += [f"| `{a.key}` | {a.type} | {a.meaning} |" for a in ATTRIBUTES.values()]
+    out += [
+        "",
+        "## Promoted columns (table `spans`)",
+        "",
+        "| column | from attribute |",
+        "|---|---|",
+    ]
+    out += [f"| `{col}` | `{key}` |" for col, key in PROMOTED_COLUMNS.items()]
+    return "\n".join(out) + "\n"
+

@@ -1,0 +1,371 @@
+"""An OpenTelemetry ``SpanExporter`` that writes spans into one SQL database.
+
+Several processes (prefill engine, decode engine, proxy, bench workers) write the same
+SQLite file at once.  What makes that safe and cheap:
+
+* WAL journal, ``busy_timeout`` and ``synchronous=NORMAL`` set in a ``connect`` hook on
+  *our* engine only (STYLE §4) -- WAL lets readers (the dashboard) run beside writers,
+  the busy timeout makes a writer wait for the lock instead of failing at once;
+* one transaction per batch (``engine.begin()`` + executemany), so a batch is stored
+  whole or not at all, and the write lock is taken once per batch, not per span;
+* a bounded retry on "database is locked".
+
+It must never block or break serving.  It runs on the BatchSpanProcessor's worker
+thread, never on a serving thread, and ``export`` never raises: on a locked, full or
+unwritable database (or any other error) it drops the batch, counts the drop
+(:mod:`hybrid_pd.telemetry.counters`: exporter attributes, Prometheus, OTel metric, and
+a rate-limited log line), returns ``SpanExportResult.FAILURE`` and carries on with the
+next batch.  The worst case per batch is ``(max_retries + 1) * busy_timeout`` plus the
+back-off (about 3 s with the defaults).
+
+The target is a SQLAlchemy URL, or a plain file path meaning SQLite.  PostgreSQL works
+by changing the URL (``postgresql+psycopg://user@host/db``, driver installed separately);
+the SQLite PRAGMAs are then skipped and the schema is the same.  Only SQLite is tested.
+A database whose schema version is newer than ours is refused with
+:class:`SchemaVersionError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.telemetry import counters
+from hybrid_pd.telemetry.schema import (
+    SCHEMA_VERSION,
+    metadata_obj,
+    schema_version_table,
+    spans_table,
+)
+
+logger = logging.getLogger(__name__)
+
+SINK = "sqlite"
+_LOG_EVERY_S = 10.0  # at most one drop warning per this many seconds (plus the first)
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer hybrid-pd whose schema we do not understand."""
+
+
+def to_url(db: str | os.PathLike[str] | URL) -> URL:
+    """A SQLAlchemy URL from a URL string/object or a plain path (meaning a SQLite file)."""
+    if isinstance(db, URL):
+        return db
+    s = os.fspath(db)
+    if "://" in s:
+        return make_url(s)
+    return URL.create("sqlite", database=str(Path(s).expanduser().resolve()))
+
+
+def _writer_tag() -> str:
+    try:
+        return f"hybrid-pd {version('hybrid-pd')}"
+    except PackageNotFoundError:  # running from a source tree without install
+        return "hybrid-pd (source)"
+
+
+def _is_locked(exc: BaseException) -> bool:
+    # sqlite3 says "database is locked" (SQLITE_BUSY) or "database table is locked";
+    # both mean "somebody else holds the lock, try again later".
+    msg = str(getattr(exc, "orig", exc)).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _short(exc: BaseException) -> str:
+    """``OperationalError: database is locked`` rather than SQLAlchemy's multi-line text."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A low-cardinality label for the drop counter."""
+    if isinstance(exc, SchemaVersionError):
+        return "schema"
+    msg = str(getattr(exc, "orig", exc)).lower()
+    if _is_locked(exc):
+        return "locked"
+    if "full" in msg:
+        return "full"
+    if "unable to open" in msg or "readonly" in msg or "read-only" in msg or "permission" in msg:
+        return "unwritable"
+    return "error"
+
+
+def _as_int(v: Any) -> int | None:
+    # bool is an int subclass but a True "layer" is a bug upstream, not layer 1.
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _as_str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _json_safe(v: Any) -> Any:
+    # Strict JSON has no NaN/Infinity; SQLite's json_extract() rejects them.  Store them as
+    # the strings "nan"/"inf"/"-inf" so plain-SQL users can still parse every row.
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (tuple, list)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def attributes_json(attrs: Mapping[str, Any] | None) -> str:
+    """All attributes as strict JSON text (the ``attributes`` column)."""
+    if not attrs:
+        return "{}"
+    d = dict(attrs)
+    try:
+        return json.dumps(d, separators=(",", ":"), allow_nan=False)
+    except (ValueError, TypeError):
+        return json.dumps(
+            {k: _json_safe(v) for k, v in d.items()}, separators=(",", ":"), default=str
+        )
+
+
+def span_to_row(span: ReadableSpan) -> dict[str, Any]:
+    """One ``spans`` row from a finished span (pure; tests call it directly)."""
+    ctx = span.get_span_context()
+    attrs = span.attributes or {}
+    res = span.resource.attributes if span.resource is not None else {}
+    start = span.start_time or 0
+    end = span.end_time or start
+    events = None
+    if span.events:
+        events = json.dumps(
+            [
+                {"name": e.name, "time_ns": e.timestamp, "attributes": _json_safe(dict(e.attributes or {}))}
+                for e in span.events
+            ],
+            separators=(",", ":"),
+            default=str,
+        )
+    row: dict[str, Any] = {
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ns": end - start,
+        "status": span.status.status_code.name,
+        "status_message": span.status.description or None,
+        "service": _as_str(res.get(A.RESOURCE_SERVICE_NAME)),
+        "pid": _as_int(res.get(A.RESOURCE_PID)),
+        "attributes": attributes_json(attrs),
+        "events": events,
+    }
+    for col, key in A.PROMOTED_COLUMNS.items():
+        v = attrs.get(key)
+        if v is None and key in (A.ROLE, A.ENGINE_ID):
+            v = res.get(key)  # role/engine live on the resource unless a span overrides
+        row[col] = _as_str(v) if col in ("request_id", "layer_kind", "role", "engine_id") else _as_int(v)
+    return row
+
+
+class SQLiteSpanExporter(SpanExporter):
+    """Spans -> table ``spans`` of one (shared) database.  See the module docstring.
+
+    Readable counters: ``exported``, ``dropped``, ``dropped_by_reason``, ``last_error``.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | URL,
+        *,
+        busy_timeout_ms: int = 1000,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.05,
+        engine: Engine | None = None,
+    ) -> None:
+        self.url = to_url(db)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite and self.url.database not in (None, "", ":memory:"):
+            # Best effort: a missing run directory should not lose the run's spans.  A
+            # failure here surfaces later as an "unwritable" drop, never as an exception.
+            try:
+                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass
+        connect_args = {"timeout": busy_timeout_ms / 1000} if self.is_sqlite else {}
+        self.engine = engine or create_engine(self.url, connect_args=connect_args)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", self._on_connect)
+
+        self.exported = 0
+        self.dropped = 0
+        self.dropped_by_reason: dict[str, int] = {}
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._schema_ready = False
+        self._shutdown = False
+        self._last_log = -math.inf
+        try:
+            self.ensure_schema()
+        except SchemaVersionError:
+            self.engine.dispose()
+            raise  # a configuration error: refuse loudly at start, not per batch
+        except Exception as exc:  # locked/unwritable now: retried at the next export
+            self.last_error = _short(exc)
+            logger.warning(
+                "telemetry database %s not ready (%s); spans will be dropped and counted "
+                "until it is", self.url.render_as_string(hide_password=True), self.last_error,
+            )
+
+    # ------------------------------------------------------------------ connection set-up
+
+    def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
+        # busy_timeout first so that switching to WAL (which needs a brief exclusive lock
+        # on a fresh file) waits for other processes instead of failing.
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            cur.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across application crashes in WAL mode (only an OS crash
+            # can lose the last transactions) and avoids an fsync per batch.
+            cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    def ensure_schema(self) -> None:
+        """Create tables/indexes if missing and check the schema version (idempotent)."""
+        if self._schema_ready:
+            return
+        for attempt in range(self.max_retries + 1):
+            try:
+                with self.engine.begin() as conn:
+                    for table in metadata_obj.sorted_tables:
+                        conn.execute(CreateTable(table, if_not_exists=True))
+                        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                            conn.execute(CreateIndex(index, if_not_exists=True))
+                    current = conn.execute(
+                        select(func.max(schema_version_table.c.version))
+                    ).scalar()
+                    if current is not None and current > SCHEMA_VERSION:
+                        raise SchemaVersionError(
+                            f"telemetry database {self.url.render_as_string(hide_password=True)} "
+                            f"has schema version {current}, newer than this hybrid-pd's "
+                            f"version {SCHEMA_VERSION}; upgrade hybrid-pd or use another "
+                            f"--telemetry-db"
+                        )
+                    if current is None or current < SCHEMA_VERSION:
+                        # (Version 1 is the first; later versions add their migration here.)
+                        conn.execute(
+                            insert(schema_version_table),
+                            [{"version": SCHEMA_VERSION, "applied_ns": time.time_ns(),
+                              "writer": _writer_tag()}],
+                        )
+                self._schema_ready = True
+                return
+            except IntegrityError:
+                continue  # another process inserted the version row first: re-read it
+            except OperationalError as exc:
+                if attempt < self.max_retries and _is_locked(exc):
+                    self._backoff(attempt)
+                    continue
+                raise
+        # Only reachable after repeated IntegrityError: someone keeps racing us; re-check.
+        with self.engine.connect() as conn:
+            current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
+        if current is None or current > SCHEMA_VERSION:
+            raise SchemaVersionError(f"unexpected schema version {current!r} after retries")
+        self._schema_ready = True
+
+    def _backoff(self, attempt: int) -> None:
+        # Jitter so that processes that collided do not collide again in lockstep.
+        time.sleep(self.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
+
+    # ------------------------------------------------------------------------- exporting
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        n = len(spans)
+        if n == 0:
+            return SpanExportResult.SUCCESS
+        if self._shutdown:
+            self._drop(n, "shutdown", "exporter already shut down")
+            return SpanExportResult.FAILURE
+        try:
+            rows = [span_to_row(s) for s in spans]
+        except Exception as exc:  # a malformed span must not kill the worker thread
+            self._drop(n, "error", f"row conversion failed: {type(exc).__name__}: {exc}")
+            return SpanExportResult.FAILURE
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                self.ensure_schema()
+                with self.engine.begin() as conn:
+                    conn.execute(insert(spans_table), rows)
+                with self._lock:
+                    self.exported += n
+                counters.record_exported(SINK, n)
+                return SpanExportResult.SUCCESS
+            except SchemaVersionError as exc:
+                last = exc
+                break
+            except DBAPIError as exc:
+                last = exc
+                if attempt < self.max_retries and _is_locked(exc):
+                    self._backoff(attempt)
+                    continue
+                break
+            except Exception as exc:  # never let telemetry raise into the SDK's thread
+                last = exc
+                break
+        assert last is not None
+        self._drop(n, _reason(last), _short(last))
+        return SpanExportResult.FAILURE
+
+    def _drop(self, n: int, reason: str, detail: str) -> None:
+        with self._lock:
+            self.dropped += n
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
+            self.last_error = detail
+            total = self.dropped
+            now = time.monotonic()
+            should_log = now - self._last_log >= _LOG_EVERY_S
+            if should_log:
+                self._last_log = now
+        counters.record_dropped(SINK, reason, n)
+        if should_log:
+            logger.warning(
+                "telemetry: dropped %d spans (%s: %s); %d dropped so far by %s",
+                n, reason, detail, total, self.url.render_as_string(hide_password=True),
+            )
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # nothing buffered here; the BatchSpanProcessor owns the queue
+
+    def shutdown(self) -> None:
+        self._shutdown = True
+        self.engine.dispose()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "exported": self.exported,
+                "dropped": self.dropped,
+                "dropped_by_reason": dict(self.dropped_by_reason),
+                "last_error": self.last_error,
+            }
