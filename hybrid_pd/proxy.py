@@ -10,6 +10,13 @@ Flow of one request (``/v1/completions`` or ``/v1/chat/completions``):
 
 Errors from either engine come back as HTTP errors that name the engine and the cause;
 every upstream call has a timeout, so nothing hangs.
+
+Tracing: each request is a ``hybrid_pd.proxy.request`` span (continuing the caller's W3C
+``traceparent`` when there is one) with a ``hybrid_pd.proxy.prefill`` and a
+``hybrid_pd.proxy.decode`` child; each engine call carries the child's ``traceparent``
+(OpenTelemetry ``propagate.inject``), so P's and D's spans join the same trace.  The
+tracer is OpenTelemetry's global one unless ``create_app(tracer=...)`` gives one;
+``hybrid-pd proxy --telemetry-db PATH`` configures it (off without the flag).
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Tracer
+
+from hybrid_pd.telemetry import attributes as A
 
 logger = logging.getLogger("hybrid_pd.proxy")
 
@@ -115,8 +126,14 @@ class ProxyConfig:
     connect_timeout_s: float = 10.0
 
 
-def create_app(config: ProxyConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The proxy app; ``transport`` replaces the network (unit tests use fake engines)."""
+def create_app(
+    config: ProxyConfig,
+    transport: httpx.AsyncBaseTransport | None = None,
+    tracer: Tracer | None = None,
+) -> FastAPI:
+    """The proxy app; ``transport`` replaces the network (unit tests use fake engines),
+    ``tracer`` replaces OpenTelemetry's global tracer (unit tests use an in-memory one)."""
+    tracer = tracer or trace.get_tracer(__name__)
     timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -141,6 +158,26 @@ def create_app(config: ProxyConfig, transport: httpx.AsyncBaseTransport | None =
                 headers[name] = request.headers[name]
         return headers
 
+    def traced_headers(headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` with the current span's traceparent (replacing the caller's, whose
+        trace id it keeps) - a no-op tracer leaves the caller's headers untouched."""
+        out = dict(headers)
+        if trace.get_current_span().get_span_context().is_valid:
+            out.pop("traceparent", None)
+            out.pop("tracestate", None)
+            propagate.inject(out)
+        return out
+
+    def engine_span(engine: str, request_id: str) -> Any:
+        name = A.SPAN_PROXY_PREFILL if engine == "prefill" else A.SPAN_PROXY_DECODE
+        return tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False
+        )
+
+    def mark_engine_error(span: Any, exc: EngineError) -> None:
+        if span.is_recording():
+            A.mark_failed(span, f"{exc.engine} engine: HTTP {exc.status}", exc)
+
     async def post_json(engine: str, url: str, body: dict, headers: dict) -> dict[str, Any]:
         try:
             resp = await client().post(url, json=body, headers=headers)
@@ -164,15 +201,44 @@ def create_app(config: ProxyConfig, transport: httpx.AsyncBaseTransport | None =
             return JSONResponse(status_code=400, content={"error": {"message": "body must be a JSON object", "type": "invalid_request"}})
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         headers = forward_headers(request, request_id)
-        try:
-            p_resp = await post_json("prefill", config.prefill_url + path, prefill_request(body), headers)
-            d_body = decode_request(body, p_resp)
-            if body.get("stream"):
-                return await stream_decode(config.decode_url + path, d_body, headers)
-            d_resp = await post_json("decode", config.decode_url + path, d_body, headers)
-        except EngineError as exc:
-            logger.warning("request %s failed: %s", request_id, exc)
-            return exc.to_response()
+        # Continue the caller's trace (W3C traceparent) when it sent one.
+        parent = propagate.extract(dict(request.headers))
+        with tracer.start_as_current_span(
+            A.SPAN_PROXY_REQUEST, context=parent, kind=SpanKind.SERVER,
+            record_exception=False, set_status_on_exception=False,
+        ) as root:
+            if root.is_recording():
+                A.set_attrs(root, {
+                    A.REQUEST_ID: request_id, A.ROLE: "proxy",
+                    A.GEN_AI_REQUEST_MODEL: body.get("model") if isinstance(body.get("model"), str) else None,
+                    A.GEN_AI_OPERATION_NAME: "chat" if path.endswith("chat/completions") else "text_completion",
+                    A.GEN_AI_REQUEST_MAX_TOKENS: body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None,
+                })
+            try:
+                with engine_span("prefill", request_id) as span:
+                    try:
+                        p_resp = await post_json("prefill", config.prefill_url + path,
+                                                 prefill_request(body), traced_headers(headers))
+                    except EngineError as exc:
+                        mark_engine_error(span, exc)
+                        raise
+                d_body = decode_request(body, p_resp)
+                with engine_span("decode", request_id) as span:
+                    try:
+                        if body.get("stream"):
+                            # The span covers the call up to the response headers; the
+                            # stream itself is relayed after the span ends.
+                            return await stream_decode(config.decode_url + path, d_body,
+                                                       traced_headers(headers))
+                        d_resp = await post_json("decode", config.decode_url + path, d_body,
+                                                 traced_headers(headers))
+                    except EngineError as exc:
+                        mark_engine_error(span, exc)
+                        raise
+            except EngineError as exc:
+                mark_engine_error(root, exc)
+                logger.warning("request %s failed: %s", request_id, exc)
+                return exc.to_response()
         return JSONResponse(content=d_resp, headers={"X-Request-Id": request_id})
 
     async def stream_decode(url: str, body: dict, headers: dict) -> Response:
@@ -242,6 +308,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per engine call")
+    p.add_argument("--telemetry-db", default=None,
+                   help="write proxy spans to this SQLite file (plus OTLP from OTEL_* "
+                   "variables); off when not given")
     p.set_defaults(func=run)
 
 
@@ -249,6 +318,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tel = None
+    if args.telemetry_db:
+        from hybrid_pd.telemetry import setup
+
+        tel = setup.configure_tracing("hybrid-pd-proxy", "proxy", db_url=args.telemetry_db)
+        print(f"[hybrid-pd proxy] spans -> {args.telemetry_db}", flush=True)
     app = create_app(ProxyConfig(args.prefill_url.rstrip("/"), args.decode_url.rstrip("/"), args.timeout))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if tel is not None:
+            tel.shutdown()  # flush what is queued
     return 0

@@ -11,12 +11,22 @@ transfer window across D ranks: earliest handle creation -> last READ seen DONE 
 clocks are CLOCK_MONOTONIC, shared by the processes).  Setup, region reset and
 verification happen outside the window.
 
+Telemetry (``init['telemetry']`` = ``off`` | ``sqlite`` | ``sqlite+otlp``): every rank
+process configures tracing (service ``hybrid-pd-bench``, its role, its rank) into the one
+SQLite file ``init['telemetry_db']`` (plus OTLP from the ``OTEL_*`` variables).  Each
+request is then read twice, untraced and traced, in rotating order with the baseline, so
+the report's ``telemetry`` block compares transfer windows on / off from the same run;
+it also gives spans created / stored / dropped (summed over ranks, checked against the
+rows in the database), the hot-path cost per span, and the span-end lag bound
+(``kv.completion_lag_ns``: previous poll -> the poll that saw DONE).
+
 :class:`BenchSession` keeps the processes up so tests can run several requests, fault
 injections and granularities against one process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,6 +44,7 @@ from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from
 from hybrid_pd.connector.nixl_executor import parse_granularity, per_layer_for
 from hybrid_pd.connector.plan import RequestPlan, plan_request
 
+TELEMETRY_MODES = ("off", "sqlite", "sqlite+otlp")
 STARTUP_TIMEOUT_S = 180.0  # process start + torch/NIXL import + fill, on a loaded 2-core box
 
 
@@ -231,9 +242,9 @@ class BenchSession:
 
     # -- requests -------------------------------------------------------------------
     def read(self, request_id: str, kind: str, *, per_layer: bool = False,
-             timeout_s: float | None = None) -> list[dict[str, Any]]:
+             timeout_s: float | None = None, telemetry: bool = True) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"op": "read", "request_id": request_id, "kind": kind,
-                               "per_layer": per_layer}
+                               "per_layer": per_layer, "telemetry": telemetry}
         if timeout_s is not None:
             msg["timeout_s"] = timeout_s
         wait = (timeout_s or float(self.init["timeout_s"])) + 60.0
@@ -293,9 +304,71 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def _lag_us(results: list[dict[str, Any]]) -> list[float]:
+    return [(x["t_done_ns"] - x["t_prev_poll_ns"]) / 1e3 for r in results for x in r["reads"]
+            if x["t_done_ns"] and x.get("t_prev_poll_ns")]
+
+
+def _telemetry_report(s: BenchSession, init: dict[str, Any], on: list[float],
+                      off: list[float], paired: list[float], lags: list[float]) -> dict[str, Any]:
+    """Flush every rank's tracing and add up the span ledger (see the module docstring)."""
+    import sqlite3
+
+    replies = s.broadcast(s.procs, {"op": "telemetry"}, timeout=120.0)
+    created = ended = spans_hot = ns_hot = 0
+    sinks: dict[str, dict[str, int]] = {}
+    for r in replies:
+        st = r["stats"] or {"created": 0, "ended": 0, "sinks": {}}
+        created += st["created"]
+        ended += st["ended"]
+        for name, sk in st["sinks"].items():
+            acc = sinks.setdefault(name, {"exported": 0, "dropped": 0, "dropped_queue": 0})
+            for k in acc:
+                acc[k] += int(sk.get(k, 0))
+        spans_hot += r["span_cost"]["spans"]
+        ns_hot += r["span_cost"]["ns"]
+    db = init["telemetry_db"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # plain SQL, as users would
+        rows = conn.execute("SELECT count(*) FROM spans WHERE engine_id LIKE ?",
+                            (f"{init['run_id']}-%",)).fetchone()[0]
+    sq = sinks.get("sqlite", {"exported": 0, "dropped": 0, "dropped_queue": 0})
+    on_med, off_med = _median(on), _median(off)
+    lags_sorted = sorted(lags)
+    return {
+        "mode": init["telemetry"],
+        "db": str(db),
+        "spans_created": created,
+        "spans_ended": ended,
+        "spans_stored": sq["exported"],
+        "spans_in_db": rows,
+        "spans_dropped": sq["dropped"] + sq["dropped_queue"],
+        "sinks": sinks,
+        "hot_path_spans": spans_hot,
+        "us_per_span": ns_hot / spans_hot / 1e3 if spans_hot else 0.0,
+        "seconds_on_median": on_med,
+        "seconds_off_median": off_med,
+        "ratio_on_off": on_med / off_med if off_med else 0.0,
+        "ratio_on_off_paired_median": _median(paired),
+        "seconds_on_all": on,
+        "seconds_off_all": off,
+        "span_end_lag_us": {
+            "median": _median(lags_sorted),
+            "p99": lags_sorted[int(0.99 * (len(lags_sorted) - 1))] if lags_sorted else 0.0,
+            "max": lags_sorted[-1] if lags_sorted else 0.0,
+            "reads": len(lags_sorted),
+        },
+    }
+
+
 def run_bench(init: dict[str, Any]) -> dict[str, Any]:
     """Run ``init['requests']`` requests (+ one warm-up of each kind) and report."""
     gran = init.get("granularity", "request")
+    telemetry = init.get("telemetry", "off")
+    if telemetry not in TELEMETRY_MODES:
+        raise ValueError(f"telemetry must be one of {TELEMETRY_MODES}, got {telemetry!r}")
+    if telemetry != "off" and not init.get("telemetry_db"):
+        raise ValueError("telemetry on needs init['telemetry_db'] (a file path)")
+    init.setdefault("run_id", uuid.uuid4().hex[:8])
     parse_granularity(gran)
     requests = int(init.get("requests", 5))
     case = build_case(init)
@@ -324,6 +397,11 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                                          "nixl_post_us": [], "nixl_xfer_us_max": []}
     reads_per_request = nixl_descs = 0
     bytes_total = 0
+    tel_on: list[float] = []
+    tel_off: list[float] = []
+    tel_paired: list[float] = []
+    lags: list[float] = []
+    kinds = ["baseline", "hybrid"] + (["traced"] if telemetry != "off" else [])
     with BenchSession(init) as s:
         if s.refused:
             raise BenchError(f"handshake refused:\n{s.refused}")
@@ -331,11 +409,17 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
         s.lease(rids, float(init.get("lease_s", 120.0)))
         for i in range(requests + 1):  # request 0 is the warm-up (UCX connects lazily)
             per_layer = per_layer_for(gran, i)
-            order = ("baseline", "hybrid") if i % 2 == 0 else ("hybrid", "baseline")
+            # Rotate the order so no kind always runs on a warmer cache.
+            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
             out: dict[str, list[dict[str, Any]]] = {}
             for kind in order:
-                out[kind] = s.read(rids[i] if kind == "hybrid" else f"b{i}", kind,
-                                   per_layer=per_layer)
+                # "hybrid" is untraced; "traced" is the same read with spans on (its id
+                # is the leased one when telemetry is on: P's lease waits for it).
+                rid = {"baseline": f"b{i}", "hybrid": rids[i], "traced": f"t{i}"}[kind]
+                if telemetry != "off":
+                    rid = {"hybrid": f"u{i}", "traced": rids[i]}.get(kind, rid)
+                out[kind] = s.read(rid, "baseline" if kind == "baseline" else "hybrid",
+                                   per_layer=per_layer, telemetry=kind == "traced")
             for kind in order:
                 for r in out[kind]:
                     if r["result"]["status"] != "ok":
@@ -346,6 +430,13 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                 continue
             sec, nbytes, res = _window(out["hybrid"])
             bsec, bbytes, _ = _window(out["baseline"])
+            lags += _lag_us(res)
+            if telemetry != "off":
+                tsec, _, tres = _window(out["traced"])
+                tel_on.append(tsec)
+                tel_off.append(sec)
+                tel_paired.append(tsec / sec if sec else 0.0)
+                lags += _lag_us(tres)
             bytes_total = nbytes
             seconds.append(sec)
             base_seconds.append(bsec)
@@ -364,6 +455,13 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                     breakdown["nixl_xfer_us_max"].append(max(t["xfer_us"] for t in tel))
                     nixl_descs = sum(t["desc_count"] for t in tel) if d == 0 else nixl_descs
         leases = s.leases()
+        tel_report = (_telemetry_report(s, init, tel_on, tel_off, tel_paired, lags)
+                      if telemetry != "off" else {"mode": "off"})
+        if telemetry == "off":
+            lag_sorted = sorted(lags)
+            tel_report["span_end_lag_us"] = {  # the executor's poll bound, spans or not
+                "median": _median(lag_sorted), "max": lag_sorted[-1] if lag_sorted else 0.0,
+                "reads": len(lag_sorted)}
     sec_med, base_med = _median(seconds), _median(base_seconds)
     gbps = bytes_total / sec_med / 1e9 if sec_med else 0.0
     base_gbps = bytes_total / base_med / 1e9 if base_med else 0.0
@@ -398,6 +496,7 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                    "held": sum(1 for v in freed if not v)},
         "failures": failures,
         "mismatches": mismatches,
+        "telemetry": tel_report,
     })
     return report
 
@@ -408,7 +507,8 @@ def make_init(
     block_size: int | None = None, timeout_s: float = 30.0, num_threads: int = 0,
     mode: str = "prepped", seed: int = 1234, conv_layout: str = "DS",
     overrides: dict[str, dict[str, str]] | None = None, verbose: bool = False,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, telemetry: str = "off",
+    telemetry_db: str | None = None,
 ) -> dict[str, Any]:
     """The init message every rank process receives (plain data: msgpack-able)."""
     return {
@@ -417,7 +517,7 @@ def make_init(
         "kernel_block_size": kernel_block_size, "block_size": block_size,
         "timeout_s": timeout_s, "num_threads": num_threads, "mode": mode, "seed": seed,
         "conv_layout": conv_layout, "overrides": overrides or {}, "verbose": verbose,
-        "env": env or {},
+        "env": env or {}, "telemetry": telemetry, "telemetry_db": telemetry_db,
     }
 
 

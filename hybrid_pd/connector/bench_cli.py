@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from hybrid_pd.connector.nixl_executor import parse_granularity
@@ -44,9 +46,27 @@ def add_parser(subparsers: Any) -> None:
                    help="prepped: dual views prepped once per peer, per-request index lists; "
                    "dlist: per-request descriptor lists")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--telemetry", choices=("off", "sqlite", "sqlite+otlp"), default="off",
+                   help="spans from every rank process into one SQLite file (+ OTLP from "
+                   "OTEL_* variables); each request then runs untraced and traced, "
+                   "interleaved, and the report gives the on/off ratio")
+    p.add_argument("--telemetry-db", default=None,
+                   help="span database file (default: runs/bench-<time>/spans.db)")
     p.add_argument("--verbose", action="store_true", help="show the rank processes' logs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+
+
+def _telemetry_db(args: argparse.Namespace) -> str | None:
+    """The span database path (made absolute: rank processes may run elsewhere)."""
+    if args.telemetry == "off":
+        return None
+    path = Path(args.telemetry_db) if args.telemetry_db else (
+        Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}" / "spans.db")
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[hybrid-pd bench] spans -> {path}", file=sys.stderr)
+    return str(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             num_tokens=args.num_tokens, requests=args.requests, granularity=args.granularity,
             kernel_block_size=args.kernel_block_size, block_size=args.block_size,
             timeout_s=args.timeout, num_threads=args.num_threads, mode=args.mode,
-            seed=args.seed, verbose=args.verbose,
+            seed=args.seed, verbose=args.verbose, telemetry=args.telemetry,
+            telemetry_db=_telemetry_db(args),
         )
         report = run_bench(init)
     except (OSError, ValueError, BenchError) as exc:
@@ -79,6 +100,15 @@ def run(args: argparse.Namespace) -> int:
             f"baseline {report['baseline_gbps_median']:.2f} GB/s; ratio "
             f"{report['ratio_to_baseline']:.2f}; verified={report['verified']}"
         )
+        tel = report["telemetry"]
+        if tel["mode"] != "off":
+            print(
+                f"telemetry {tel['mode']}: spans created {tel['spans_created']}, stored "
+                f"{tel['spans_stored']} ({tel['spans_in_db']} rows), dropped "
+                f"{tel['spans_dropped']}; {tel['us_per_span']:.1f} us/span; on/off "
+                f"{tel['ratio_on_off']:.3f}; span-end lag median "
+                f"{tel['span_end_lag_us']['median']:.1f} us -> {tel['db']}"
+            )
         for m in report["mismatches"] + report["failures"]:
             print(f"  {m}")
     if not report["verified"]:

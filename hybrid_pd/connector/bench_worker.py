@@ -27,6 +27,7 @@ import traceback
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import NoOpTracer, Tracer
 
 from hybrid_pd.connector import handshake as hs
 from hybrid_pd.connector import wire
@@ -38,6 +39,9 @@ from hybrid_pd.connector.nixl_executor import (
     make_agent,
 )
 from hybrid_pd.connector.reshard import make_full_state, shard_rank
+from hybrid_pd.telemetry import attributes as A
+
+SERVICE_NAME = "hybrid-pd-bench"
 
 SENTINEL = 0xC3  # D bytes nobody may write
 NOISE_SEED = 99
@@ -63,8 +67,24 @@ class Rank:
     """One rank: a NIXL agent kept for the process's life, and the current case's
     regions / executor (rebuilt by ``configure`` so tests reuse the process)."""
 
-    def __init__(self, role: str, rank: int, init: dict[str, Any]) -> None:
+    def __init__(self, role: str, rank: int, init: dict[str, Any],
+                 tracer: Tracer | None = None) -> None:
         self.role, self.rank = role, rank
+        self.telemetry: Any = None  # setup.Telemetry when this process configured tracing
+        if tracer is None and init.get("telemetry", "off") != "off":
+            from hybrid_pd.telemetry import setup
+
+            # One database file for every rank process (WAL + busy timeout make the
+            # concurrent writers safe); OTLP only when asked, then from OTEL_* variables.
+            self.telemetry = setup.configure_tracing(
+                SERVICE_NAME, role, db_url=init["telemetry_db"],
+                otlp="otlp" in init["telemetry"],
+                engine_id=f"{init.get('run_id', 'bench')}-{role}{rank}",
+                resource_attributes={A.KV_RANK: rank}, set_global=False,
+            )
+            tracer = self.telemetry.tracer()
+        # "on" tracer and the no-op one the bench swaps in for telemetry-off requests.
+        self.tracer_on: Tracer = tracer or NoOpTracer()
         affinity = os.sched_getaffinity(0)
         self.agent = make_agent(f"{init['run_id']}-{role}{rank}",
                                 num_threads=int(init["num_threads"]))
@@ -74,6 +94,7 @@ class Rank:
         self.configure(init)
 
     def configure(self, init: dict[str, Any]) -> None:
+        cost = self.ex.span_cost if self.ex is not None else None  # keep across reconfigures
         if self.ex is not None:
             self.ex.close()
             self.ex = None
@@ -116,7 +137,9 @@ class Rank:
                 off += r.bytes
             self.baseline = np.zeros(max(off, 1), dtype=np.uint8)
         self.ex = NixlExecutor(self.agent_name, self.regions, mode=init["mode"],
-                               agent=self.agent)
+                               agent=self.agent, tracer=self.tracer_on)
+        if cost is not None:
+            self.ex.span_cost = cost
         self.baseline_addr, _ = self.ex.register_extra(self.baseline)
         self.meta = self.ex.metadata(
             engine_id=role, spec=self.case.spec, layout=layout, rank=rank
@@ -159,6 +182,8 @@ class Rank:
                 time.sleep(0.005)
             return {"ok": True, "leases": {r: lease.freed for r, lease in
                                            self.leases.leases.items()}}
+        if op == "telemetry":
+            return self.telemetry_report()
         raise ValueError(f"unknown op {op!r}")
 
     def peers(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +209,8 @@ class Rank:
             res = self.ex.read_contiguous(rid, spans, timeout_s=timeout)
             return {"ok": True, "result": _result_dict(res)}
         self._reset()  # outside the timed window
+        # Telemetry on / off per request, so one run interleaves both in one process.
+        self.ex.tracer = self.tracer_on if msg.get("telemetry", True) else NoOpTracer()
         plan = self.case.unmerged_plans[self.rank]
         res = self.ex.read_request(
             rid, plan, engine_id="prefill", decode_block_ids=self.case.decode_ids,
@@ -212,9 +239,19 @@ class Rank:
                     f"{want[off]:#04x}")
         return ""
 
+    def telemetry_report(self) -> dict[str, Any]:
+        """Flush and close this process's tracing; span counts and hot-path span cost."""
+        assert self.ex is not None
+        stats = self.telemetry.shutdown() if self.telemetry is not None else None
+        cost = self.ex.span_cost
+        return {"ok": True, "stats": stats,
+                "span_cost": {"spans": cost.spans, "ns": cost.ns}}
+
     def close(self) -> None:
         if self.ex is not None:
             self.ex.close()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()  # idempotent; flushes when the bench did not ask
 
 
 def _result_dict(res: RequestResult) -> dict[str, Any]:
@@ -226,6 +263,7 @@ def _result_dict(res: RequestResult) -> dict[str, Any]:
         "bytes": res.bytes,
         "descriptors": res.descriptors,
         "notified": res.notified,
+        "polls": res.polls,
         "reads": [
             {
                 "prefill_rank": r.prefill_rank,
@@ -238,6 +276,7 @@ def _result_dict(res: RequestResult) -> dict[str, Any]:
                 "t_created_ns": r.t_created_ns,
                 "t_post_ns": r.t_post_ns,
                 "t_done_ns": r.t_done_ns,
+                "t_prev_poll_ns": r.t_prev_poll_ns,
                 "telemetry": None if r.telemetry is None else {
                     "post_us": r.telemetry.post_us,
                     "xfer_us": r.telemetry.xfer_us,

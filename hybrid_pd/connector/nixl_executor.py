@@ -30,6 +30,20 @@ Why these choices:
 * **Threads**: ``num_threads`` defaults to 0.  On a 2-core box NIXL's UCX worker threads
   starve everything (vLLM's default of 4 stalled handshakes 15-30 s here).
 
+* **Spans** (names and keys from :mod:`hybrid_pd.telemetry.attributes`): ``desc_build``
+  for the local registration (``__init__``) and per peer for both dual views
+  (``scope=local`` / ``remote``, under a ``handshake`` span), ``desc_build scope=request``
+  for each request's block-id -> descriptor-id mapping, one ``kv.read`` per READ handle
+  under a ``kv.transfer`` span, and ``kv.stall`` / ``kv.abort`` / ``kv.notify``.  Read
+  spans are timed from this executor's own clock, not an engine step: start = before the
+  handle is made, end = the first ``check_xfer_state`` poll that saw DONE.  The real
+  completion happened after the previous poll of that handle, so a span's end is late
+  by at most one poll round (one ``check_xfer_state`` per pending READ plus a
+  ``sched_yield``); ``kv.completion_lag_ns`` records that bound for every read (the
+  bench reports its median / max: a few microseconds unloaded, more when the box is
+  oversubscribed).  Span work happens only when the tracer records (house rule 9);
+  the baseline ``read_contiguous`` emits none.
+
 Notifications (D -> P): ``done:<request_id>`` (attached to the READ itself when there
 is exactly one READ for that peer, else sent after the last one) or
 ``fail:<request_id>:<reason>``.  :class:`LeaseTable` is the P side.
@@ -44,6 +58,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Tracer
 
 from hybrid_pd.connector import handshake as hs
 from hybrid_pd.connector.layout import EngineLayout
@@ -57,6 +74,7 @@ from hybrid_pd.connector.plan import (
     peer_templates,
     to_addr_descs,
 )
+from hybrid_pd.telemetry import attributes as A
 
 Mode = Literal["prepped", "dlist"]
 
@@ -179,6 +197,9 @@ class ReadResult:
     t_created_ns: int = 0  # handle made, before transfer()
     t_post_ns: int = 0  # after transfer() returned
     t_done_ns: int = 0  # first poll that saw DONE (0 if never)
+    # Previous poll of this handle (or the post): the real completion lies in
+    # (t_prev_poll_ns, t_done_ns], so t_done_ns - t_prev_poll_ns bounds the span-end lag.
+    t_prev_poll_ns: int = 0
     telemetry: XferTelemetry | None = None
 
 
@@ -191,6 +212,7 @@ class RequestResult:
     t_start_ns: int
     t_end_ns: int
     notified: list[int] = field(default_factory=list)  # P ranks told done / fail
+    polls: int = 0  # check_xfer_state rounds
 
     @property
     def seconds(self) -> float:
@@ -208,6 +230,38 @@ class RequestResult:
 # ---------------------------------------------------------------------------------
 # Executor
 # ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SpanCost:
+    """Time spent creating / filling / ending spans on the read path (perf_counter ns)."""
+
+    spans: int = 0
+    ns: int = 0
+
+    @property
+    def us_per_span(self) -> float:
+        return self.ns / self.spans / 1e3 if self.spans else 0.0
+
+
+@dataclass
+class _Trace:
+    """Per-request span context handed to :meth:`NixlExecutor._run` (None = no spans)."""
+
+    ctx: Context
+    off: int  # time.time_ns() - time.monotonic_ns(): executor clock -> span clock
+    request_id: str
+    peer_engine_id: str
+
+
+_STATUS = {"DONE": "done", "ERR": "failed", "POST_FAILED": "failed", "TIMEOUT": "timeout",
+           "ABORTED": "aborted"}
+BACKEND = "UCX"
+
+
+def _short_reason(exc: BaseException) -> str:
+    # Span reasons stay short and payload-free: exception type plus the message head.
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 @dataclass
@@ -245,6 +299,7 @@ class NixlExecutor:
         capture_telemetry: bool = True,
         mode: Mode = "prepped",
         agent: Any = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if mode not in ("prepped", "dlist"):
             raise ValueError(f"mode must be 'prepped' or 'dlist', got {mode!r}")
@@ -253,6 +308,10 @@ class NixlExecutor:
         self.dev_id = dev_id
         self.mode: Mode = mode
         self.capture_telemetry = capture_telemetry
+        # The global tracer is a no-op until configure_tracing() runs; the bench swaps
+        # ``self.tracer`` per request to compare telemetry on / off in one process.
+        self.tracer: Tracer = tracer or trace.get_tracer(__name__)
+        self.span_cost = SpanCost()
         self.agent = agent or make_agent(
             name, num_threads=num_threads, capture_telemetry=capture_telemetry
         )
@@ -260,20 +319,36 @@ class NixlExecutor:
         self.region_bases = tuple(b for b, _ in spans)
         self.region_lens = tuple(n for _, n in spans)
         self._keep = list(regions)  # registered memory must outlive the registration
-        self._reg = self.agent.register_memory(
-            addr_array([(b, n, dev_id) for b, n in spans]), mem_type
-        )
+        with self.tracer.start_as_current_span(
+            A.SPAN_KV_DESC_BUILD, record_exception=False, set_status_on_exception=False
+        ) as span:
+            A.set_attrs(span, {A.KV_DESC_SCOPE: "local", A.KV_VIEW: "all",
+                               A.KV_DESCRIPTORS: len(spans),
+                               A.KV_BYTES: sum(self.region_lens)})
+            try:
+                self._reg = self.agent.register_memory(
+                    addr_array([(b, n, dev_id) for b, n in spans]), mem_type
+                )
+            except Exception as exc:
+                A.mark_failed(span, _short_reason(exc), exc)
+                raise
         self._extra_regs: list[Any] = []
         self.peers: dict[tuple[str, int], _Peer] = {}
         self.local_meta: hs.HandshakeMetadata | None = None
         self.local_layout: EngineLayout | None = None
         self.spec: HybridModelSpec | None = None
+        self._layer_info: dict[int, tuple[str, int]] = {}  # layer -> (kind, HMA group)
 
     # -- handshake --------------------------------------------------------------------
     def metadata(
         self, *, engine_id: str, spec: HybridModelSpec, layout: EngineLayout, rank: int
     ) -> hs.HandshakeMetadata:
         self.spec, self.local_layout = spec, layout
+        # Span labels only (the read path never branches on them).
+        self._layer_info = {
+            layer: (str(g.kind.value), gi)
+            for gi, g in enumerate(layout.hma_groups) for layer in g.layers
+        }
         self.local_meta = hs.build_metadata(
             engine_id=engine_id,
             agent_name=self.name,
@@ -287,9 +362,35 @@ class NixlExecutor:
         return self.local_meta
 
     def add_peer(self, remote: hs.HandshakeMetadata) -> tuple[str, int]:
-        """Check compatibility, add the remote agent, prep the dual views (D side)."""
+        """Check compatibility, add the remote agent, prep the dual views (D side).
+
+        Traced as one ``kv.handshake`` span with the two ``desc_build`` spans (local and
+        remote dual view) under it; a refused handshake marks it failed and re-raises."""
         if self.local_meta is None or self.spec is None or self.local_layout is None:
             raise RuntimeError("call metadata() before add_peer()")
+        with self.tracer.start_as_current_span(
+            A.SPAN_KV_HANDSHAKE, record_exception=False, set_status_on_exception=False
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(self._pair_attrs(remote))
+            try:
+                return self._add_peer(remote)
+            except Exception as exc:
+                A.mark_failed(span, _short_reason(exc), exc)
+                raise
+
+    def _pair_attrs(self, remote: hs.HandshakeMetadata) -> dict[str, A.AttrValue]:
+        assert self.local_meta is not None
+        return {
+            A.KV_RANK: self.local_meta.layout.rank,
+            A.KV_TP_SIZE: self.local_meta.layout.tp,
+            A.KV_PEER_ENGINE_ID: remote.engine_id,
+            A.KV_PEER_RANK: remote.layout.rank,
+            A.KV_PEER_TP_SIZE: remote.layout.tp,
+            A.KV_BACKEND: BACKEND,
+        }
+
+    def _add_peer(self, remote: hs.HandshakeMetadata) -> tuple[str, int]:
         hs.check_compatible(self.local_meta, remote)
         _, layout = hs.engine_layout(remote)
         agent = self.agent.add_remote_agent(remote.agent_metadata)
@@ -319,16 +420,27 @@ class NixlExecutor:
         t = tpl.get(peer.meta.layout.rank)
         if t is None:  # this D rank reads nothing from that P rank
             return
-        local = to_addr_descs(dual_view(self.local_layout, t, "local"), self.region_bases,
-                              self.region_lens, self.dev_id)
-        remote = to_addr_descs(dual_view(peer.layout, t, "remote"), peer.bases, peer.lens,
-                               self.dev_id)
-        peer.local_view = self.agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", addr_array(local), self.mem_type
-        )
-        peer.remote_view = self.agent.prep_xfer_dlist(
-            peer.agent, addr_array(remote), peer.meta.mem_type
-        )
+        pair = self._pair_attrs(peer.meta)
+        with self.tracer.start_as_current_span(A.SPAN_KV_DESC_BUILD) as span:
+            local = to_addr_descs(dual_view(self.local_layout, t, "local"), self.region_bases,
+                                  self.region_lens, self.dev_id)
+            peer.local_view = self.agent.prep_xfer_dlist(
+                "NIXL_INIT_AGENT", addr_array(local), self.mem_type
+            )
+            if span.is_recording():
+                span.set_attributes({**pair, A.KV_DESC_SCOPE: "local", A.KV_VIEW: "all",
+                                     A.KV_DESCRIPTORS: len(local),
+                                     A.KV_BYTES: sum(d[1] for d in local)})
+        with self.tracer.start_as_current_span(A.SPAN_KV_DESC_BUILD) as span:
+            remote = to_addr_descs(dual_view(peer.layout, t, "remote"), peer.bases, peer.lens,
+                                   self.dev_id)
+            peer.remote_view = self.agent.prep_xfer_dlist(
+                peer.agent, addr_array(remote), peer.meta.mem_type
+            )
+            if span.is_recording():
+                span.set_attributes({**pair, A.KV_DESC_SCOPE: "remote", A.KV_VIEW: "all",
+                                     A.KV_DESCRIPTORS: len(remote),
+                                     A.KV_BYTES: sum(d[1] for d in remote)})
         peer.view_len = len(local)
 
     # -- extra registrations (the bench's baseline buffers) ----------------------------
@@ -377,18 +489,41 @@ class NixlExecutor:
         timeout_s: float = 30.0,
         notify: bool = True,
     ) -> RequestResult:
-        """Post every READ of ``plan``, poll until all are DONE or the deadline passes."""
-        assert self.local_layout is not None
+        """Post every READ of ``plan``, poll until all are DONE or the deadline passes.
+
+        Traced (when the tracer records) as a ``kv.transfer`` span holding one
+        ``desc_build scope=request`` span per peer and one ``kv.read`` span per READ."""
+        assert self.local_layout is not None and self.local_meta is not None
+        t_start = time.monotonic_ns()
+        xfer = self.tracer.start_span(A.SPAN_KV_TRANSFER)
+        tr: _Trace | None = None
+        if xfer.is_recording():
+            c0 = time.perf_counter_ns()
+            # Span times come from our monotonic clock (the same one ReadResult uses),
+            # shifted once per request onto the wall clock OTel expects.
+            tr = _Trace(trace.set_span_in_context(xfer), time.time_ns() - time.monotonic_ns(),
+                        request_id, engine_id)
+            self.span_cost.ns += time.perf_counter_ns() - c0
         jobs: list[tuple[_Peer, ReadPlan, int | None, list[int]]] = []
         for read in plan.reads:
             peer = self.peers.get((engine_id, read.prefill_rank))
             if peer is None:
+                xfer.end()
                 raise KeyError(
                     f"no handshake with engine {engine_id!r} rank {read.prefill_rank}; "
                     f"known peers: {sorted(self.peers)}"
                 )
-            for layer, idx in split_units(read, self.local_layout, decode_block_ids, per_layer):
+            t_map = time.monotonic_ns()
+            parts = split_units(read, self.local_layout, decode_block_ids, per_layer)
+            for layer, idx in parts:
                 jobs.append((peer, read, layer, idx))
+            if tr is not None:
+                self._emit(A.SPAN_KV_DESC_BUILD, tr, t_map, time.monotonic_ns(), {
+                    A.REQUEST_ID: request_id, A.KV_DESC_SCOPE: "request", A.KV_VIEW: "all",
+                    A.KV_DESCRIPTORS: len(read.local_ids), A.KV_BYTES: read.bytes,
+                    A.KV_READS: len(parts), A.KV_RANK: self.local_meta.layout.rank,
+                    A.KV_PEER_RANK: read.prefill_rank, A.KV_PEER_ENGINE_ID: engine_id,
+                })
         reads_per_peer: dict[str, int] = {}
         for peer, *_ in jobs:
             reads_per_peer[peer.agent] = reads_per_peer.get(peer.agent, 0) + 1
@@ -407,7 +542,32 @@ class NixlExecutor:
             )
             return self._make(peer, read, idx, attach), res
 
-        return self._run(request_id, jobs, post, reads_per_peer, timeout_s, notify)
+        try:
+            out = self._run(request_id, jobs, post, reads_per_peer, timeout_s, notify,
+                            tr=tr, t_start=t_start)
+        except BaseException as exc:
+            if xfer.is_recording():
+                A.mark_failed(xfer, _short_reason(exc), exc)
+            xfer.end()
+            raise
+        if tr is not None:
+            c0 = time.perf_counter_ns()
+            xfer.set_attributes({
+                A.REQUEST_ID: request_id,
+                A.KV_RANK: self.local_meta.layout.rank, A.KV_TP_SIZE: self.local_meta.layout.tp,
+                A.KV_PEER_ENGINE_ID: engine_id, A.KV_BYTES: out.bytes,
+                A.KV_DESCRIPTORS: out.descriptors, A.KV_READS: len(out.reads),
+                A.KV_POLLS: out.polls, A.KV_BACKEND: BACKEND,
+                A.KV_STATUS: "done" if out.status == "ok" else "failed",
+            })
+            if out.status != "ok":
+                A.mark_failed(xfer, out.reason[:200])
+            xfer.end(end_time=time.monotonic_ns() + tr.off)
+            self.span_cost.spans += 1
+            self.span_cost.ns += time.perf_counter_ns() - c0
+        else:
+            xfer.end()
+        return out
 
     def read_contiguous(
         self,
@@ -448,8 +608,11 @@ class NixlExecutor:
         reads_per_peer: Mapping[str, int],
         timeout_s: float,
         notify: bool,
+        *,
+        tr: _Trace | None = None,
+        t_start: int | None = None,
     ) -> RequestResult:
-        t_start = time.monotonic_ns()
+        t_start = time.monotonic_ns() if t_start is None else t_start
         deadline = t_start + int(timeout_s * 1e9)
         pending: list[tuple[Any, ReadResult, Any]] = []
         results: list[ReadResult] = []
@@ -466,29 +629,44 @@ class NixlExecutor:
                                  reason=f"posting READ to {peer_agent} failed: {exc}")
                 results.append(res)
                 failure = failure or res.reason
+                if tr is not None:
+                    self._emit_read(tr, res, time.monotonic_ns())
                 break
             results.append(res)
+            res.t_prev_poll_ns = res.t_post_ns
             if state == "ERR":
                 res.status, res.reason = "ERR", f"READ from {peer_agent} failed at post"
                 self._release(handle, res)
                 failure = failure or res.reason
+                if tr is not None:
+                    self._emit_read(tr, res, time.monotonic_ns())
                 break
             pending.append((handle, res, peer_agent))
         # Poll round-robin until everything is DONE, one fails, or the deadline passes.
+        # A read span closes at the first poll that saw DONE (its own clock, not an
+        # engine step), so it ends at most one round after the real completion.
+        polls = 0
         while pending and not failure:
+            polls += 1
             still = []
             for handle, res, peer_agent in pending:
                 state = self.agent.check_xfer_state(handle)
+                now = time.monotonic_ns()
                 if state == "DONE":
-                    res.t_done_ns = time.monotonic_ns()
+                    res.t_done_ns = now
                     res.status = "DONE"
                     self._finish(handle, res)
+                    if tr is not None:
+                        self._emit_read(tr, res, now)
                 elif state == "ERR":
                     res.status = "ERR"
                     res.reason = f"READ of {res.bytes} B from {peer_agent} returned ERR"
                     failure = failure or res.reason
                     self._release(handle, res)
+                    if tr is not None:
+                        self._emit_read(tr, res, now)
                 else:
+                    res.t_prev_poll_ns = now
                     still.append((handle, res, peer_agent))
             pending = still
             if pending and time.monotonic_ns() > deadline:
@@ -496,13 +674,33 @@ class NixlExecutor:
                     f"stall timeout: {len(pending)} READ(s) not done after {timeout_s:g} s "
                     f"(peers {sorted({p for _, _, p in pending})}); aborted"
                 )
+                if tr is not None:
+                    now = time.monotonic_ns()
+                    self._emit(A.SPAN_KV_STALL, tr, t_start, now, {
+                        A.REQUEST_ID: request_id, A.KV_READS: len(pending),
+                        A.KV_WAITED_MS: (now - t_start) / 1e6, A.KV_STATUS: "timeout",
+                        A.KV_FAILURE_REASON: failure[:200],
+                    }, fail="stall timeout")
                 break
             if pending:
                 os.sched_yield()  # 2 cores: give the peer's progress a chance
-        for handle, res, _ in pending:  # abort what is left
-            res.status = "TIMEOUT" if "timeout" in failure else "ABORTED"
-            res.reason = failure
-            self._release(handle, res)
+        if pending:  # abort what is left (NIXL cancels an active READ on release)
+            t_abort = time.monotonic_ns()
+            for handle, res, _ in pending:
+                res.status = "TIMEOUT" if "timeout" in failure else "ABORTED"
+                res.reason = failure
+                self._release(handle, res)
+            if tr is not None:
+                now = time.monotonic_ns()
+                for _, res, _ in pending:
+                    self._emit_read(tr, res, now)
+                self._emit(A.SPAN_KV_ABORT, tr, t_abort, now, {
+                    A.REQUEST_ID: request_id, A.KV_READS: len(pending),
+                    A.KV_BYTES: sum(r.bytes for _, r, _ in pending),
+                    A.KV_WAITED_MS: (now - t_start) / 1e6,
+                    A.KV_STATUS: "timeout" if "timeout" in failure else "aborted",
+                    A.KV_FAILURE_REASON: failure[:200],
+                }, fail="timeout" if "timeout" in failure else "aborted")
         t_end = time.monotonic_ns()
         out = RequestResult(
             request_id=request_id,
@@ -511,10 +709,55 @@ class NixlExecutor:
             reads=results,
             t_start_ns=t_start,
             t_end_ns=t_end,
+            polls=polls,
         )
         if notify:
-            self._notify(out, jobs, reads_per_peer)
+            self._notify(out, jobs, reads_per_peer, tr)
         return out
+
+    # -- spans --------------------------------------------------------------------------
+    def _emit(
+        self, name: str, tr: _Trace, t0: int, t1: int, attrs: Mapping[str, A.AttrValue],
+        fail: str = "",
+    ) -> None:
+        """One finished span from executor-clock times ``t0``..``t1`` (monotonic ns).
+
+        Only called when the request's transfer span records, so the attribute dicts
+        are never built for a no-op tracer.  Its cost is what ``span_cost`` reports."""
+        c0 = time.perf_counter_ns()
+        span = self.tracer.start_span(name, context=tr.ctx, start_time=t0 + tr.off)
+        if fail:  # first, so that our kv.status / kv.failure_reason below win
+            A.mark_failed(span, fail)
+        span.set_attributes(attrs)
+        span.end(end_time=t1 + tr.off)
+        self.span_cost.spans += 1
+        self.span_cost.ns += time.perf_counter_ns() - c0
+
+    def _emit_read(self, tr: _Trace, res: ReadResult, t_end: int) -> None:
+        assert self.local_meta is not None
+        kind, group = (self._layer_info.get(res.layer, ("", -1)) if res.layer is not None
+                       else ("mixed", -1))
+        attrs: dict[str, A.AttrValue] = {
+            A.REQUEST_ID: tr.request_id, A.KV_LAYER_KIND: kind,
+            A.KV_BYTES: res.bytes, A.KV_DESCRIPTORS: res.descriptors,
+            A.KV_RANK: self.local_meta.layout.rank, A.KV_PEER_RANK: res.prefill_rank,
+            A.KV_PEER_ENGINE_ID: tr.peer_engine_id, A.KV_BACKEND: BACKEND,
+            A.KV_STATUS: _STATUS.get(res.status, res.status.lower()),
+        }
+        if res.layer is not None:
+            attrs[A.KV_LAYER] = res.layer
+            attrs[A.KV_GROUP] = group
+        if res.t_done_ns:
+            attrs[A.KV_COMPLETION_LAG_NS] = res.t_done_ns - res.t_prev_poll_ns
+        t = res.telemetry
+        if t is not None:
+            attrs[A.KV_NIXL_POST_US] = float(t.post_us)
+            attrs[A.KV_NIXL_XFER_US] = float(t.xfer_us)
+            attrs[A.KV_NIXL_DESC_COUNT] = t.desc_count
+        fail = ""
+        if res.status != "DONE":
+            attrs[A.KV_FAILURE_REASON] = fail = res.reason[:200] or res.status
+        self._emit(A.SPAN_KV_READ, tr, res.t_make_ns or t_end, t_end, attrs, fail)
 
     def _finish(self, handle: Any, res: ReadResult) -> None:
         if self.capture_telemetry:
@@ -536,7 +779,10 @@ class NixlExecutor:
             # leak list (freed with the agent); say so in the result.
             res.reason = (res.reason + "; " if res.reason else "") + f"release failed: {exc}"
 
-    def _notify(self, out: RequestResult, jobs: Sequence[Any], per_peer: Mapping[str, int]) -> None:
+    def _notify(
+        self, out: RequestResult, jobs: Sequence[Any], per_peer: Mapping[str, int],
+        tr: _Trace | None = None,
+    ) -> None:
         peers = {job[0].agent: job[0] for job in jobs}
         for agent, peer in peers.items():
             if out.status == "ok":
@@ -546,11 +792,21 @@ class NixlExecutor:
                 msg = f"done:{out.request_id}".encode()
             else:
                 msg = f"fail:{out.request_id}:{out.reason}".encode()[:1024]
+            t0 = time.monotonic_ns()
+            err = ""
             try:
                 self.agent.send_notif(agent, msg)
                 out.notified.append(peer.meta.layout.rank)
             except Exception as exc:  # dead peer: its lease timeout frees the blocks
                 out.reason += f"; notify {agent} failed: {exc}"
+                err = _short_reason(exc)
+            if tr is not None:
+                self._emit(A.SPAN_KV_NOTIFY, tr, t0, time.monotonic_ns(), {
+                    A.REQUEST_ID: out.request_id, A.KV_PEER_RANK: peer.meta.layout.rank,
+                    A.KV_PEER_ENGINE_ID: peer.meta.engine_id,
+                    A.KV_STATUS: "done" if out.status == "ok" else "failed",
+                    **({A.KV_FAILURE_REASON: err} if err else {}),
+                }, fail="notify failed" if err else "")
 
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
@@ -637,6 +893,7 @@ __all__ = [
     "NixlExecutor",
     "ReadResult",
     "RequestResult",
+    "SpanCost",
     "XferTelemetry",
     "layer_of_units",
     "make_agent",

@@ -118,6 +118,8 @@ KV_NIXL_XFER_US = "kv.nixl.xfer_us"
 KV_NIXL_DESC_COUNT = "kv.nixl.desc_count"
 KV_COMPLETION_LAG_NS = "kv.completion_lag_ns"
 KV_WAITED_MS = "kv.waited_ms"
+KV_READS = "kv.reads"
+KV_POLLS = "kv.polls"
 
 ATTRIBUTES: dict[str, AttrSpec] = {
     a.key: a
@@ -153,8 +155,11 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_NIXL_POST_US, "double", "NIXL's own post duration (`get_xfer_telemetry`), microseconds."),
         AttrSpec(KV_NIXL_XFER_US, "double", "NIXL's own transfer duration (`get_xfer_telemetry`), microseconds."),
         AttrSpec(KV_NIXL_DESC_COUNT, "int", "NIXL's descriptor count after merging adjacent descriptors."),
-        AttrSpec(KV_COMPLETION_LAG_NS, "int", "Span end minus the first poll that saw DONE: how late the span closed."),
+        AttrSpec(KV_COMPLETION_LAG_NS, "int", "Upper bound of how late the read span ends after the real completion: "
+                 "first poll that saw DONE minus the previous poll (or the post)."),
         AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress."),
+        AttrSpec(KV_READS, "int", "READ handles: posted (transfer span) or released unfinished (abort span)."),
+        AttrSpec(KV_POLLS, "int", "Transfer span: check_xfer_state rounds until every READ was DONE or aborted."),
     )
 }
 

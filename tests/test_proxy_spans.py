@@ -1,0 +1,104 @@
+"""Proxy spans with InMemorySpanExporter and fake engines (httpx.MockTransport): the trace
+continues the caller's traceparent and reaches P and D.  No GPU, NIXL or vLLM required."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from hybrid_pd.proxy import ProxyConfig, create_app
+from hybrid_pd.telemetry import attributes as A
+from tests.test_proxy import FakeEngines
+
+P, D = "http://p", "http://d"
+CALLER_TRACE = "a" * 32
+CALLER_SPAN = "b" * 16
+
+
+@pytest.fixture
+def mem() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def client(engines: FakeEngines, provider: TracerProvider) -> TestClient:
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines),
+                     tracer=provider.get_tracer("test"))
+    return TestClient(app)
+
+
+def parse(traceparent: str) -> tuple[str, str]:
+    version, trace_id, span_id, flags = traceparent.split("-")
+    assert version == "00" and int(flags, 16) & 1, traceparent  # sampled
+    return trace_id, span_id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_trace_joins_caller_proxy_p_and_d(mem, stream: bool) -> None:
+    provider, exporter = mem
+    engines = FakeEngines()
+    with client(engines, provider) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 9,
+                                            "stream": stream},
+                   headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+    assert r.status_code == 200
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {A.SPAN_PROXY_REQUEST, A.SPAN_PROXY_PREFILL, A.SPAN_PROXY_DECODE}
+    root = spans[A.SPAN_PROXY_REQUEST]
+    # The proxy span continues the caller's trace, under the caller's span.
+    assert format(root.context.trace_id, "032x") == CALLER_TRACE
+    assert format(root.parent.span_id, "016x") == CALLER_SPAN and root.parent.is_remote
+    assert root.kind is SpanKind.SERVER
+    assert root.attributes[A.REQUEST_ID] == r.headers["x-request-id"]
+    assert root.attributes[A.GEN_AI_REQUEST_MODEL] == "m"
+    assert root.attributes[A.GEN_AI_OPERATION_NAME] == "text_completion"
+    (p_req,), (d_req,) = engines.seen["p"], engines.seen["d"]
+    for engine, seen in ((A.SPAN_PROXY_PREFILL, p_req), (A.SPAN_PROXY_DECODE, d_req)):
+        child = spans[engine]
+        assert child.parent.span_id == root.context.span_id and child.kind is SpanKind.CLIENT
+        # The traceparent the engine got names the proxy's trace and its call span.
+        trace_id, span_id = parse(seen["headers"]["traceparent"])
+        assert trace_id == CALLER_TRACE == format(root.context.trace_id, "032x")
+        assert span_id == format(child.context.span_id, "016x")
+
+
+def test_new_trace_without_caller_traceparent(mem) -> None:
+    provider, exporter = mem
+    engines = FakeEngines()
+    with client(engines, provider) as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+    root = next(s for s in exporter.get_finished_spans() if s.name == A.SPAN_PROXY_REQUEST)
+    assert root.parent is None
+    assert root.attributes[A.GEN_AI_OPERATION_NAME] == "chat"
+    for seen in (engines.seen["p"][0], engines.seen["d"][0]):
+        assert parse(seen["headers"]["traceparent"])[0] == format(root.context.trace_id, "032x")
+
+
+def test_engine_error_marks_spans_failed(mem) -> None:
+    provider, exporter = mem
+    with client(FakeEngines(decode_status=500), provider) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert r.status_code == 500
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans[A.SPAN_PROXY_PREFILL].status.status_code is StatusCode.UNSET
+    for name in (A.SPAN_PROXY_DECODE, A.SPAN_PROXY_REQUEST):
+        assert spans[name].status.status_code is StatusCode.ERROR
+        assert spans[name].attributes[A.KV_FAILURE_REASON] == "decode engine: HTTP 500"
+
+
+def test_no_tracer_forwards_callers_traceparent_untouched() -> None:
+    # Telemetry off (OTel's no-op global tracer): the caller's context still reaches P and D.
+    engines = FakeEngines()
+    tp = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines))
+    with TestClient(app) as c:
+        c.post("/v1/completions", json={"model": "m", "prompt": "hi"}, headers={"traceparent": tp})
+    assert engines.seen["p"][0]["headers"]["traceparent"] == tp
+    assert engines.seen["d"][0]["headers"]["traceparent"] == tp
