@@ -16,6 +16,7 @@ _COMMANDS: dict[str, str] = {
     "patches": "hybrid_pd.engine_patches.cli",
     "plan": "hybrid_pd.connector.plan_cli",
     "bench": "hybrid_pd.connector.bench_cli",
+    "dashboard": "hybrid_pd.dashboard.cli",
 }
 
 

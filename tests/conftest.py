@@ -13,3 +13,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from hybrid_pd.tiny_models import SPECS, model_path
 
     return {name: model_path(name) for name in SPECS}
+
+
+@pytest.fixture(scope="session")
+def bench_spans_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A spans database written by a real traced ``hybrid-pd bench`` run (NIXL/UCX on DRAM).
+
+    Tiny Nemotron-H config, P TP=1 -> D TP=2, per-layer reads: requests r0..r4 (r0..r3
+    plus the bench's extra one), each with 2 transfers x 5 layer READs.  ~20 s, once.
+    """
+    import subprocess
+    import sys
+
+    db = tmp_path_factory.mktemp("bench_spans") / "spans.db"
+    config = Path(__file__).parent / "data" / "tiny_nemotron_h_config.json"
+    cmd = [sys.executable, "-m", "hybrid_pd.cli", "bench", "--config", str(config),
+           "--prefill-tp", "1", "--decode-tp", "2", "--num-tokens", "300", "--requests", "4",
+           "--granularity", "layer", "--telemetry", "sqlite", "--telemetry-db", str(db), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and db.exists(), f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return db

@@ -1,0 +1,130 @@
+"""Streamlit glue shared by the pages: cached engine and loads, database checks, sidebar.
+
+Caching (STYLE §5): the engine is one shared object per database (``st.cache_resource``;
+SQLAlchemy engines are thread-safe), every load is ``st.cache_data`` with a short ``ttl``
+so one refresh reads the database once per query however many widgets use the result,
+and auto-refresh (``TTL_S``) sees new spans while the engines run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import Engine
+
+from hybrid_pd.dashboard import queries
+
+TTL_S = 10  # seconds a cached load stays valid; also the shortest auto-refresh period
+
+# Label -> window length in ns, counted back from the newest span in the database (not
+# from "now": a database from last week's bench must still show something).
+RANGES: dict[str, int | None] = {
+    "all": None,
+    "last 1 min": 60 * 10**9,
+    "last 5 min": 5 * 60 * 10**9,
+    "last 15 min": 15 * 60 * 10**9,
+    "last 1 h": 3600 * 10**9,
+    "last 24 h": 24 * 3600 * 10**9,
+}
+
+
+@st.cache_resource(show_spinner=False)
+def get_engine(db: str) -> Engine:
+    return queries.open_engine(db)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def db_status(db: str) -> queries.DbStatus:
+    # A missing SQLite file is reported before an engine is made (and cached) for it.
+    path = queries.sqlite_path(db)
+    if path is not None and not path.exists():
+        return queries.check_db(db)
+    return queries.check_db(db, get_engine(db))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def time_bounds(db: str) -> tuple[int | None, int | None]:
+    return queries.time_bounds(get_engine(db))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner="Loading transfers…")
+def transfers(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.transfers(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner="Loading reads…")
+def reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.reads(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def desc_builds(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.desc_builds(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def failures(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.failures(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def request_list(db: str, order: queries.RequestOrder) -> pd.DataFrame:
+    return queries.request_list(get_engine(db), order)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner="Loading the request's spans…")
+def request_timeline(db: str, request_id: str) -> pd.DataFrame:
+    return queries.request_timeline(get_engine(db), request_id)
+
+
+def require_db() -> str:
+    """The database target, checked; renders the hint and stops the page when unusable."""
+    db = queries.db_target_from_env()
+    if not db:
+        st.warning(
+            f"No database selected. Start the dashboard with `hybrid-pd dashboard --db PATH` "
+            f"or set `{queries.ENV_DB}`.\n\n{queries.PRODUCE_SPANS_HINT}"
+        )
+        st.stop()
+    status = db_status(db)
+    st.sidebar.caption(f"Database: `{db}`  \n{status.message if status.ok else status.state}")
+    if status.state == "newer_schema":
+        st.error(status.message)
+        st.stop()
+    if not status.ok:
+        (st.info if status.state in ("missing", "empty") else st.error)(status.message)
+        st.stop()
+    return db
+
+
+def sidebar_window(db: str) -> tuple[int | None, int | None]:
+    """Time-range picker (relative to the newest span); returns [start_ns, end_ns]."""
+    label = st.sidebar.selectbox("Time range", list(RANGES), index=0, key="time_range",
+                                 help="Counted back from the newest span in the database.")
+    lo, hi = time_bounds(db)
+    span = RANGES[label]
+    if span is None or hi is None:
+        return None, None
+    return max(hi - span, lo or 0), hi
+
+
+def run_page(body: Callable[[], None]) -> None:
+    """Run ``body``; with auto-refresh on, as a fragment re-run every N seconds."""
+    auto = st.sidebar.toggle("Auto-refresh", value=False, key="auto_refresh",
+                             help="Re-query while the engines are running.")
+    if not auto:
+        body()
+        return
+    every = st.sidebar.number_input("every (s)", min_value=TTL_S, max_value=600, value=10,
+                                    key="refresh_s")
+    st.fragment(run_every=timedelta(seconds=int(every)))(body)()
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:,.2f} {unit}"
+    return f"{n:,.0f} B"

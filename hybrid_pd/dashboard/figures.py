@@ -1,0 +1,221 @@
+"""Plotly figures from the query frames (pure: DataFrame in, Figure out; no Streamlit).
+
+Colours are fixed per category (``COLOURS``) so attention is the same blue on every page
+and in every request, whatever subset of kinds a frame happens to contain.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from hybrid_pd.telemetry import attributes as A
+
+# Category -> colour.  Layer kinds first (the READ rows), then the other span kinds.
+COLOURS: dict[str, str] = {
+    "attention": "#1f77b4",
+    "mamba": "#ff7f0e",
+    "mixed": "#9467bd",
+    "proxy": "#7f7f7f",
+    "engine": "#c7c7c7",
+    "handshake": "#17becf",
+    "descriptors": "#bcbd22",
+    "transfer": "#2ca02c",
+    "notify": "#8c564b",
+    "failure": "#d62728",
+}
+LAYER_KINDS: tuple[str, ...] = ("attention", "mamba", "mixed")
+# Row order on the Gantt, top to bottom: the request's life in causal order.
+_CATEGORY_ORDER: tuple[str, ...] = (
+    "proxy", "engine", "handshake", "descriptors", "transfer", *LAYER_KINDS, "notify", "failure",
+)
+_NAME_CATEGORY: dict[str, str] = {
+    A.SPAN_PROXY_REQUEST: "proxy",
+    A.SPAN_PROXY_PREFILL: "proxy",
+    A.SPAN_PROXY_DECODE: "proxy",
+    A.SPAN_ENGINE_PREFILL: "engine",
+    A.SPAN_ENGINE_DECODE: "engine",
+    A.SPAN_KV_HANDSHAKE: "handshake",
+    A.SPAN_KV_DESC_BUILD: "descriptors",
+    A.SPAN_KV_TRANSFER: "transfer",
+    A.SPAN_KV_NOTIFY: "notify",
+    A.SPAN_KV_STALL: "failure",
+    A.SPAN_KV_ABORT: "failure",
+}
+TIME_AXIS_TITLE = "time since the request's first span (ms)"
+READ_ROW_PREFIX = "READ "
+
+
+def _int(v: object) -> int | None:
+    return None if v is None or pd.isna(v) else int(v)  # type: ignore[arg-type]
+
+
+def _pair(peer: int | None, rank: int | None) -> str:
+    """P→D rank pair; '?' where the span did not record a rank."""
+    return f"P{'?' if peer is None else peer}→D{'?' if rank is None else rank}"
+
+
+def span_category(name: str, layer_kind: str | None) -> str:
+    if name == A.SPAN_KV_READ:
+        return layer_kind if layer_kind in LAYER_KINDS else "mixed"
+    return _NAME_CATEGORY.get(name, "engine")
+
+
+def span_row(row: pd.Series) -> str:
+    """The Gantt row label of one span; each layer's READ per rank pair gets its own row."""
+    name, rank, peer = row["name"], _int(row.get("rank")), _int(row.get("peer_rank"))
+    short = name.rsplit(".", 1)[-1]
+    if name == A.SPAN_KV_READ:
+        layer = _int(row.get("layer"))
+        where = "all layers" if layer is None else f"L{layer:02d}"
+        return f"{READ_ROW_PREFIX}{row['category']} {where} {_pair(peer, rank)}"
+    if name == A.SPAN_KV_DESC_BUILD:
+        scope = row.get(A.KV_DESC_SCOPE) or "?"
+        return f"desc_build {scope} {_pair(peer, rank)}"
+    if name in (A.SPAN_KV_HANDSHAKE, A.SPAN_KV_NOTIFY, A.SPAN_KV_STALL, A.SPAN_KV_ABORT):
+        return f"{short} {_pair(peer, rank)}"
+    if name == A.SPAN_KV_TRANSFER:
+        return f"transfer →D{'?' if rank is None else rank}"
+    return name.removeprefix("hybrid_pd.")
+
+
+def timeline_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``category``, ``row`` and request-relative ``start_ms``; sorted in row order."""
+    df = df.copy()
+    df["category"] = [span_category(n, k) for n, k in zip(df["name"], df["layer_kind"], strict=True)]
+    # Notify/desc spans may lack the local rank; their transfer span (same trace) has it.
+    trace_rank = df.dropna(subset=["rank"]).drop_duplicates("trace_id").set_index("trace_id")["rank"]
+    df["rank"] = df["rank"].fillna(df["trace_id"].map(trace_rank))
+    df["row"] = df.apply(span_row, axis=1)
+    # Time zero is the request's own first span: handshakes (shared by all requests of a
+    # P-D pair, often long before) then sit at negative times instead of squashing the rest.
+    own = df[df["category"] != "handshake"]
+    t0 = (own if not own.empty else df)["start_ns"].min()
+    df["start_ms"] = (df["start_ns"] - t0) / 1e6
+    df["cat_rank"] = df["category"].map({c: i for i, c in enumerate(_CATEGORY_ORDER)})
+    # Reads grouped by kind, then by rank pair, then by layer; everything else by time.
+    df["layer_sort"] = df["layer"].fillna(-1)
+    df["pair_sort"] = df["peer_rank"].fillna(-1) * 1000 + df["rank"].fillna(-1)
+    is_read = df["name"] == A.SPAN_KV_READ
+    df.loc[~is_read, ["layer_sort", "pair_sort"]] = 0
+    df = df.sort_values(["cat_rank", "pair_sort", "layer_sort", "start_ns"], kind="stable")
+    return df.reset_index(drop=True)
+
+
+def _fmt(v: object, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.1f}{unit}"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    return f"{v}{unit}"
+
+
+def timeline_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
+    """The Gantt of one request's spans: a horizontal bar per span, one row per label.
+
+    ``px.bar(base=...)`` on a numeric axis rather than ``px.timeline``: px.timeline puts
+    spans on a *date* axis, which cannot resolve the µs-scale reads we need to compare,
+    and gives no "ms since start" axis.  Same picture, exact units.
+    """
+    rows = timeline_rows(df)
+    rows["hover_bytes"] = [_fmt(_int(b), " B") for b in rows["bytes"]]
+    rows["hover_desc"] = [_fmt(_int(d)) for d in rows["descriptors"]]
+    rows["hover_post"] = [_fmt(v, " µs") for v in rows.get(A.KV_NIXL_POST_US, [None] * len(rows))]
+    rows["hover_xfer"] = [_fmt(v, " µs") for v in rows.get(A.KV_NIXL_XFER_US, [None] * len(rows))]
+    rows["hover_status"] = [
+        f"{s}" + (f" / {k}" if k else "") + (f": {r}" if r else "")
+        for s, k, r in zip(rows["status"], rows.get(A.KV_STATUS, [None] * len(rows)),
+                           rows.get(A.KV_FAILURE_REASON, [None] * len(rows)), strict=True)
+    ]
+    order = list(dict.fromkeys(rows["row"]))
+    fig = px.bar(
+        rows,
+        base="start_ms",
+        x="duration_ms",
+        y="row",
+        color="category",
+        orientation="h",
+        color_discrete_map=COLOURS,
+        category_orders={"row": order, "category": [c for c in _CATEGORY_ORDER if c in set(rows["category"])]},
+        custom_data=["name", "duration_us", "hover_bytes", "hover_desc", "hover_post",
+                     "hover_xfer", "hover_status", "engine_id"],
+        title=title,
+    )
+    fig.update_traces(
+        hovertemplate=(
+            "<b>%{customdata[0]}</b><br>start %{base:.3f} ms, %{customdata[1]:,.1f} µs<br>"
+            "bytes %{customdata[2]}, descriptors %{customdata[3]}<br>"
+            "NIXL post %{customdata[4]}, xfer %{customdata[5]}<br>"
+            "status %{customdata[6]}<br>engine %{customdata[7]}<extra></extra>"
+        )
+    )
+    fig.update_yaxes(title_text="span (READ rows: layer kind, layer, P→D rank pair)",
+                     tickfont={"size": 11})
+    fig.update_xaxes(title_text=TIME_AXIS_TITLE)
+    fig.update_layout(
+        height=max(360, 22 * len(order) + 160),
+        legend_title_text="kind",
+        margin={"l": 10, "r": 10, "t": 50 if title else 20, "b": 40},
+        bargap=0.25,
+    )
+    return fig
+
+
+def latency_scatter(tr: pd.DataFrame) -> go.Figure:
+    """Transfers over time: one dot per transfer span, y = duration."""
+    df = tr.assign(where=[f"{e} rank {_int(r)}" for e, r in zip(tr["engine_id"], tr["rank"], strict=True)])
+    fig = px.scatter(df, x="start", y="duration_ms", color="where",
+                     hover_data=["request_id", "bytes", "status"],
+                     labels={"start": "transfer start (UTC)", "duration_ms": "transfer latency (ms)",
+                             "where": "engine / D rank"})
+    fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig
+
+
+def throughput_bars(tr: pd.DataFrame, freq: str = "1s") -> go.Figure:
+    """Bytes moved per time bucket (by transfer start) -- the wire load over time."""
+    s = tr.set_index("start")["bytes"].astype(float).resample(freq).sum() / 1e6
+    fig = px.bar(s.reset_index(), x="start", y="bytes",
+                 labels={"start": "time (UTC)", "bytes": f"MB transferred per {freq}"})
+    fig.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig
+
+
+def layer_box(rd: pd.DataFrame) -> go.Figure:
+    fig = px.box(rd.sort_values("layer"), x="layer", y="duration_us", color="layer_kind",
+                 color_discrete_map=COLOURS, points="outliers",
+                 hover_data=["request_id", "rank", "peer_rank"],
+                 labels={"layer": "layer index", "duration_us": "READ latency (µs)",
+                         "layer_kind": "layer kind"})
+    fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig
+
+
+def layer_bandwidth(rd: pd.DataFrame) -> go.Figure:
+    g = rd.groupby(["layer", "layer_kind"], as_index=False)["gbps"].median()
+    fig = px.bar(g, x="layer", y="gbps", color="layer_kind", color_discrete_map=COLOURS,
+                 labels={"layer": "layer index", "gbps": "median READ bandwidth (GB/s)",
+                         "layer_kind": "layer kind"})
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig
+
+
+def layer_heatmap(rd: pd.DataFrame) -> go.Figure:
+    fig = px.density_heatmap(rd, x="start", y="layer", z="duration_us", histfunc="avg",
+                             labels={"start": "time (UTC)", "layer": "layer index",
+                                     "duration_us": "READ latency (µs)"})
+    fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 30, "b": 40},
+                      coloraxis_colorbar_title_text="mean µs")
+    return fig
+
+
+def descriptor_bars(db: pd.DataFrame) -> go.Figure:
+    g = db.groupby([A.KV_DESC_SCOPE, A.CONNECTOR], as_index=False)["descriptors"].sum()
+    fig = px.bar(g, x=A.KV_DESC_SCOPE, y="descriptors", color=A.CONNECTOR, barmode="group",
+                 labels={A.KV_DESC_SCOPE: "build scope", "descriptors": "descriptors built (count)",
+                         A.CONNECTOR: "connector"})
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig

@@ -1,0 +1,34 @@
+"""Failures: failed, stalled and aborted transfers with reasons and their request."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from hybrid_pd.dashboard import common
+from hybrid_pd.telemetry import attributes as A
+
+
+def body() -> None:
+    db = common.require_db()
+    start, end = common.sidebar_window(db)
+    st.title("Failures")
+    f = common.failures(db, start, end)
+    if f.empty:
+        st.success("No failed, stalled or aborted transfers in this time range.")
+        return
+    c = st.columns(3)
+    c[0].metric("failed spans", int((f["status"] == "ERROR").sum()))
+    c[1].metric("stalls", int((f["name"] == A.SPAN_KV_STALL).sum()))
+    c[2].metric("aborts", int((f["name"] == A.SPAN_KV_ABORT).sum()))
+    f = f.copy()
+    f["reason"] = f[A.KV_FAILURE_REASON].fillna(f["status_message"])
+    f["timeline"] = "/timeline?request=" + f["request_id"].astype(str)
+    st.dataframe(
+        f[["start", "name", "request_id", "timeline", "engine_id", "rank", "peer_rank",
+           "layer", "status", A.KV_STATUS, "reason", A.KV_WAITED_MS]],
+        hide_index=True, key="failures_table",
+        column_config={"timeline": st.column_config.LinkColumn("timeline", display_text="open")},
+    )
+
+
+common.run_page(body)

@@ -1,0 +1,68 @@
+"""Request timeline: the Gantt of one request's trace, one row per layer READ."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from hybrid_pd.dashboard import common, figures
+from hybrid_pd.telemetry import attributes as A
+
+MODES = ("latest", "slowest", "by id")
+
+
+def pick_request(db: str) -> str | None:
+    """The request to show: ``?request=`` (links from other pages), else the picker."""
+    wanted = st.query_params.get("request")
+    mode = st.radio("Pick a request", MODES, horizontal=True, key="pick_mode",
+                    index=2 if wanted else 0)
+    if mode == "by id":
+        rid = st.text_input("request id", value=wanted or "", key="request_id").strip()
+        return rid or None
+    reqs = common.request_list(db, mode)  # type: ignore[arg-type]
+    if reqs.empty:
+        return None
+    labels = {
+        r.request_id: f"{r.request_id}  ·  {r.duration_ms:,.2f} ms  ·  {common.fmt_bytes(r.bytes or 0)}"
+        + ("  ·  FAILED" if r.errors else "")
+        for r in reqs.itertuples()
+    }
+    return st.selectbox("request", list(labels), format_func=labels.__getitem__, key=f"req_{mode}")
+
+
+def body() -> None:
+    db = common.require_db()
+    st.title("Request timeline")
+    rid = pick_request(db)
+    if rid is None:
+        st.info("No request with a KV transfer in this database yet.")
+        return
+    df = common.request_timeline(db, rid)
+    if df.empty:
+        st.warning(f"No spans for request `{rid}`.")
+        return
+    st.query_params["request"] = rid  # shareable URL for this view
+    rd = df[df["name"] == A.SPAN_KV_READ]
+    tr = df[df["name"] == A.SPAN_KV_TRANSFER]
+    c = st.columns([1, 1, 1.4, 1.4, 1])
+    c[0].metric("spans", len(df))
+    c[1].metric("layer READs", len(rd))
+    c[2].metric("bytes read", common.fmt_bytes(float(rd["bytes"].fillna(0).sum())))
+    c[3].metric("slowest transfer", f"{tr['duration_ms'].max():,.2f} ms" if not tr.empty else "–")
+    c[4].metric("errors", int((df["status"] == "ERROR").sum()))
+    # Handshakes are per P-D pair and usually finished long before this request; drawn
+    # by default they squeeze the request into a sliver, so they start hidden then.
+    hs = df["name"] == A.SPAN_KV_HANDSHAKE
+    before = bool(hs.any()) and bool((df.loc[hs, "end_ns"] < df.loc[~hs, "start_ns"].min()).all())
+    show_hs = st.toggle("show P–D handshakes", value=not before, key="show_handshakes",
+                        help="Once per P-D pair; drawn at negative times when they ran "
+                        "before this request.")
+    plot_df = df if show_hs else df[~hs]
+    st.plotly_chart(figures.timeline_figure(plot_df, title=f"request {rid}"), key="timeline")
+    with st.expander("Spans (table)"):
+        cols = ["name", "engine_id", "rank", "peer_rank", "layer", "layer_kind", "bytes",
+                "descriptors", "duration_us", "status", A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US,
+                "start"]
+        st.dataframe(df[cols], hide_index=True, key="spans_table")
+
+
+common.run_page(body)
