@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_pd.connector.nixl_executor import parse_granularity
+from hybrid_pd.connector.plan_cli import add_request_args
 
 
 def _granularity(value: str) -> str:
@@ -27,17 +28,10 @@ def add_parser(subparsers: Any) -> None:
         "processes on loopback, verify every byte, compare with a raw contiguous READ",
         description="Real-transfer benchmark of the hybrid planner + NIXL executor.",
     )
-    p.add_argument("--config", required=True, help="Hugging Face config.json of the model")
-    p.add_argument("--prefill-tp", type=int, required=True)
-    p.add_argument("--decode-tp", type=int, required=True)
-    p.add_argument("--num-tokens", type=int, required=True,
-                   help="tokens whose state P has computed")
+    add_request_args(p)
     p.add_argument("--requests", type=int, default=5, help="timed requests (after 1 warm-up)")
     p.add_argument("--granularity", type=_granularity, default="request",
                    help="request | layer | sampled:K (per-layer READs for 1 request in K)")
-    p.add_argument("--kernel-block-size", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=None,
-                   help="cache block size before HMA alignment (default: kernel block size)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="stall timeout per request in seconds (READs not done are aborted)")
     p.add_argument("--num-threads", type=int, default=0,

@@ -17,12 +17,9 @@ from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from
 from hybrid_pd.connector.plan import plan_request, rank_costs, render_plan
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "plan",
-        help="plan the KV/Mamba state reads of one request (pure; no vLLM, no NIXL)",
-        description="Plan which bytes every decode rank reads from which prefill ranks.",
-    )
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """The model, TP pair, token count and block sizes of one planned request; shared by
+    ``hybrid-pd plan`` and ``hybrid-pd bench`` so the two always describe it alike."""
     p.add_argument("--config", required=True, help="Hugging Face config.json of the model")
     p.add_argument("--prefill-tp", type=int, required=True)
     p.add_argument("--decode-tp", type=int, required=True)
@@ -31,6 +28,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kernel-block-size", type=int, default=16)
     p.add_argument("--block-size", type=int, default=None,
                    help="cache block size before HMA alignment (default: kernel block size)")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan the KV/Mamba state reads of one request (pure; no vLLM, no NIXL)",
+        description="Plan which bytes every decode rank reads from which prefill ranks.",
+    )
+    add_request_args(p)
     p.add_argument("--conv-layout", choices=[c.value for c in ConvLayout], default="DS")
     p.add_argument("--kv-dtype", default="bfloat16")
     p.add_argument("--conv-dtype", default="bfloat16")
