@@ -137,12 +137,13 @@ def run(args: argparse.Namespace) -> int:
 
         print("[demo] building the tiny hybrid model (offline, deterministic)...", file=sys.stderr)
         args.model = str(model_path("tiny-nemotron-h"))
+    run_dir = args.run_dir or launch.default_run_dir("demo")
     cfg = launch.LaunchConfig(
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
+        telemetry_db=launch.telemetry_db_from_args(args, run_dir),
     )
-    run_dir = args.run_dir or launch.default_run_dir("demo")
     ports = launch.ports_from_args(args)
     prompts = [demo_prompt(n) for n in args.prompt_words]
     host = args.host
@@ -161,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             starts = {c.name: c.ready_after_s for c in sup.children}
             rows = run_prompts(f"http://{host}:{ports.proxy}", f"http://{host}:{ports.decode}",
                                args.model, prompts, args.max_tokens, reference)
+            if cfg.telemetry_db is not None:
+                time.sleep(SPAN_FLUSH_S)  # the engines' span batches go out every 0.5 s
     except (launch.LaunchError, RuntimeError, httpx.HTTPError) as exc:
         print(f"[demo] FAILED: {exc}", file=sys.stderr)
         return 1
@@ -178,4 +181,26 @@ def run(args: argparse.Namespace) -> int:
     print("\nall P/D completions identical to the single engine" if not bad
           else f"\n{len(bad)} of {len(rows)} completions differ")
     print(f"engine logs: {run_dir}/")
+    if cfg.telemetry_db is not None:
+        print(f"spans: {span_summary(cfg.telemetry_db)} in {cfg.telemetry_db}")
+        print(f"see them: .venv/bin/hybrid-pd dashboard --db {cfg.telemetry_db}")
     return 0 if not bad else 1
+
+
+SPAN_FLUSH_S = 2.0
+
+
+def span_summary(db: str) -> str:
+    """'N spans (proxy a, prefill b, decode c)' read back from the span database."""
+    import sqlalchemy as sa
+
+    from hybrid_pd.dashboard import queries
+
+    try:
+        with queries.open_engine(db).connect() as conn:
+            counts = {str(role): int(n) for role, n in conn.execute(
+                sa.text("SELECT coalesce(role, service), count(*) FROM spans GROUP BY 1"))}
+    except Exception as exc:  # the demo's result stands; say why spans are missing
+        return f"no spans readable ({exc})"
+    total = sum(counts.values())
+    return f"{total} spans (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from hybrid_pd.telemetry import engine as engine_tel
 from hybrid_pd.tiny_models import engine_args_for
 
 CONNECTORS = {
@@ -65,6 +66,8 @@ class LaunchConfig:
     kv_extra: tuple[tuple[str, object], ...] = ()
     engine_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
+    # span database (path or SQLAlchemy URL) shared by P, D and the proxy; None: no spans
+    telemetry_db: str | None = None
 
 
 # -- pure command/env construction (unit-tested) ----------------------------------------
@@ -173,6 +176,10 @@ def engine_env(
     # the same layout as P and D to be comparable bit for bit.
     env.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if cfg.telemetry_db is not None and spec.role != "single":
+        # read by hybrid_pd.telemetry.engine inside the engine's connector
+        env[engine_tel.ENV_DB] = cfg.telemetry_db
+        env[engine_tel.ENV_ROLE] = spec.role
     env.update(dict(cfg.extra_env))
     return env
 
@@ -354,6 +361,8 @@ def build_supervisor(
         "--host", cfg.host, "--port", str(ports.proxy),
         "--timeout", str(proxy_timeout_s),
     ]
+    if cfg.telemetry_db is not None:
+        proxy_cmd += ["--telemetry-db", cfg.telemetry_db]
     sup.add(Child("proxy", proxy_cmd, dict(os.environ), run_dir / "proxy.log",
                   f"http://{cfg.host}:{ports.proxy}/health"))
     return sup
@@ -394,7 +403,21 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
                    help="CPU engines: how OpenMP threads are bound (VLLM_CPU_OMP_THREADS_BIND, "
                    "which wins when set): split = disjoint cores per engine rank, else nobind")
     p.add_argument("--run-dir", type=Path, default=None, help="where engine logs go")
+    p.add_argument("--telemetry-db", default=None, metavar="PATH|URL",
+                   help="span database written by P, D and the proxy (SQLite path or SQLAlchemy "
+                   "URL; default: RUN_DIR/telemetry.db); OTEL_* variables add OTLP export")
+    p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
+                   help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
+
+
+def telemetry_db_from_args(args: argparse.Namespace, run_dir: Path) -> str | None:
+    if not args.telemetry:
+        return None
+    if args.telemetry_db:
+        return str(args.telemetry_db)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str((run_dir / "telemetry.db").resolve())
 
 
 def ports_from_args(args: argparse.Namespace) -> Ports:
@@ -418,12 +441,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or default_run_dir("serve")
     cfg = LaunchConfig(
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
+        telemetry_db=telemetry_db_from_args(args, run_dir),
     )
-    run_dir = args.run_dir or default_run_dir("serve")
     sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -431,6 +455,9 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     print(f"[hybrid-pd] logs in {run_dir}/ (prefill.log, decode.log, proxy.log)", file=sys.stderr)
+    if cfg.telemetry_db is not None:
+        print(f"[hybrid-pd] spans -> {cfg.telemetry_db}; view them with: hybrid-pd dashboard "
+              f"--db {cfg.telemetry_db}", file=sys.stderr)
     try:
         with sup:
             sup.start()

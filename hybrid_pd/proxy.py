@@ -38,6 +38,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.telemetry import engine as engine_tel
 
 logger = logging.getLogger("hybrid_pd.proxy")
 
@@ -83,6 +84,18 @@ def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
         "remote_host": None,
         "remote_port": None,
     }
+    return out
+
+
+def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """``body`` with the trace hand-off for the engines' KV connector added to its
+    ``kv_transfer_params``: the ``traceparent``/``tracestate`` of the engine call
+    (``headers``, as sent) and our request id, so the connector's spans join the trace
+    under that call (see :mod:`hybrid_pd.telemetry.engine`)."""
+    hand_off = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
+    hand_off["request_id"] = request_id
+    out = dict(body)
+    out["kv_transfer_params"] = {**out["kv_transfer_params"], engine_tel.PARAMS_KEY: hand_off}
     return out
 
 
@@ -171,7 +184,8 @@ def create_app(
     def engine_span(engine: str, request_id: str) -> Any:
         name = A.SPAN_PROXY_PREFILL if engine == "prefill" else A.SPAN_PROXY_DECODE
         return tracer.start_as_current_span(
-            name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False
+            name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
+            attributes={A.REQUEST_ID: request_id},
         )
 
     def mark_engine_error(span: Any, exc: EngineError) -> None:
@@ -217,21 +231,24 @@ def create_app(
             try:
                 with engine_span("prefill", request_id) as span:
                     try:
-                        p_resp = await post_json("prefill", config.prefill_url + path,
-                                                 prefill_request(body), traced_headers(headers))
+                        p_headers = traced_headers(headers)
+                        p_resp = await post_json(
+                            "prefill", config.prefill_url + path,
+                            with_trace(prefill_request(body), request_id, p_headers), p_headers)
                     except EngineError as exc:
                         mark_engine_error(span, exc)
                         raise
                 d_body = decode_request(body, p_resp)
                 with engine_span("decode", request_id) as span:
+                    d_headers = traced_headers(headers)
+                    d_body = with_trace(d_body, request_id, d_headers)
                     try:
                         if body.get("stream"):
                             # The span covers the call up to the response headers; the
                             # stream itself is relayed after the span ends.
-                            return await stream_decode(config.decode_url + path, d_body,
-                                                       traced_headers(headers))
+                            return await stream_decode(config.decode_url + path, d_body, d_headers)
                         d_resp = await post_json("decode", config.decode_url + path, d_body,
-                                                 traced_headers(headers))
+                                                 d_headers)
                     except EngineError as exc:
                         mark_engine_error(span, exc)
                         raise

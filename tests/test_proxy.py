@@ -81,9 +81,15 @@ def test_request_goes_to_p_then_d(path):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "decoded"
     (p_req,), (d_req,) = engines.seen["p"], engines.seen["d"]
     assert p_req["body"]["max_tokens"] == 1 and p_req["body"]["kv_transfer_params"]["do_remote_decode"]
-    assert d_req["body"]["kv_transfer_params"] == KV and d_req["body"]["max_tokens"] == 9
+    rid = r.headers["x-request-id"]
+    # P's params reach D unchanged, plus the trace hand-off for the engines' connector
+    tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"  # no tracer here: the caller's, forwarded
+    assert d_req["body"]["kv_transfer_params"] == {
+        **KV, "hybrid_pd_trace": {"request_id": rid, "traceparent": tp}}
+    assert p_req["body"]["kv_transfer_params"]["hybrid_pd_trace"] == {"request_id": rid, "traceparent": tp}
+    assert d_req["body"]["max_tokens"] == 9
     # one request id and the caller's trace context reach both engines
-    assert p_req["headers"]["x-request-id"] == d_req["headers"]["x-request-id"] == r.headers["x-request-id"]
+    assert p_req["headers"]["x-request-id"] == d_req["headers"]["x-request-id"] == rid
     assert p_req["headers"]["traceparent"] == d_req["headers"]["traceparent"]
 
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,7 @@ from hybrid_pd.connector.plan import (
     render_plan,
     to_addr_descs,
 )
+from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -138,7 +140,7 @@ class _Snapshot:
     num_tokens: int | None
 
 
-class HybridNixlWorker(NixlPullConnectorWorker):
+class _HybridWorkerCore(NixlPullConnectorWorker):
     """Upstream's pull worker with our descriptor lists, id mapping and read planning."""
 
     def __init__(self, vllm_config: VllmConfig, engine_id: str, kv_cache_config: KVCacheConfig):
@@ -463,6 +465,7 @@ class HybridNixlWorker(NixlPullConnectorWorker):
         local, remote = self._hy_local, self._hy_remote[(dst_engine_id, rank)][0]
         assert local is not None and self._hy_spec is not None
         hetero = remote.layout.tp != local.layout.tp
+        t_plan = time.time_ns()
         aligned = vm.align_request(
             kinds=self._hy_kinds,
             decode_block_ids=snap.local_ids,
@@ -486,6 +489,9 @@ class HybridNixlWorker(NixlPullConnectorWorker):
             merge=False,
         )
         lids, rids = vm.read_ids(plan, rank)
+        # for the request-scope desc_build span (vllm_tracing): planning time and size
+        self._hy_last_plan = (t_plan, time.time_ns(),
+                              sum(r.bytes for r in plan.reads if r.prefill_rank == rank), len(lids))
         logger.info(
             "hybrid connector: req %s P rank %d -> D rank %d: %d of %d B in %d of %d "
             "descriptors (%d tokens, P TP%d D TP%d)\n%s",
@@ -524,6 +530,17 @@ class HybridNixlWorker(NixlPullConnectorWorker):
         return remote_ids if block_size_ratio is None else local_ids
 
 
+class HybridNixlWorker(TracedWorkerMixin, _HybridWorkerCore):
+    """Our worker with spans on every descriptor build and READ (and the READ stall
+    timeout) in front: :mod:`hybrid_pd.connector.vllm_tracing`."""
+
+    HY_CONNECTOR = "hybrid"
+
+
+class HybridNixlScheduler(TracedSchedulerMixin, NixlPullConnectorScheduler):
+    """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers."""
+
+
 class HybridNixlConnector(NixlPullConnector):
     """Thin facade (house rule 8): upstream's pull scheduler, our worker."""
 
@@ -532,7 +549,7 @@ class HybridNixlConnector(NixlPullConnector):
         # Skip NixlPullConnector.__init__, which would build (and start) upstream's worker.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.connector_scheduler = NixlPullConnectorScheduler(
+            self.connector_scheduler = HybridNixlScheduler(
                 vllm_config, self.engine_id, kv_cache_config
             )
             self.connector_worker = None
@@ -543,4 +560,4 @@ class HybridNixlConnector(NixlPullConnector):
             raise ValueError(f"unsupported KVConnectorRole: {role}")
 
 
-__all__ = ["HybridNixlConnector", "HybridNixlWorker"]
+__all__ = ["HybridNixlConnector", "HybridNixlScheduler", "HybridNixlWorker"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hybrid_pd.engine_patches import cpu_mamba_prefix_checkpoint
+from hybrid_pd.engine_patches import cpu_mamba_prefix_checkpoint, nixl_upstream_tracing
 from hybrid_pd.engine_patches.base import EnginePatch
 
-PATCHES: list[EnginePatch] = [*cpu_mamba_prefix_checkpoint.PATCHES]
+PATCHES: list[EnginePatch] = [*cpu_mamba_prefix_checkpoint.PATCHES, *nixl_upstream_tracing.PATCHES]
 
 
 def by_name(name: str) -> EnginePatch:

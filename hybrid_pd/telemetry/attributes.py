@@ -57,7 +57,8 @@ SPANS: dict[str, str] = {
     SPAN_KV_READ: "One NIXL READ handle: post to DONE/ERR; per layer when the plan reads per layer.",
     SPAN_KV_TRANSFER: "Decode side: all reads of one request (parent of its `hybrid_pd.kv.read` spans).",
     SPAN_KV_HANDSHAKE: "Once per P-D pair: agent metadata, base addresses, block counts.",
-    SPAN_KV_NOTIFY: "D notifies P that the request's blocks may be freed.",
+    SPAN_KV_NOTIFY: "D notifies P that the request's blocks may be freed; inside a prefill engine: "
+    "the blocks held for D, from the hand-over to D's notification (or the lease expiry).",
     SPAN_KV_STALL: "A transfer without progress for longer than the stall threshold.",
     SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks released.",
     SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root).",
@@ -136,7 +137,8 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(GEN_AI_USAGE_OUTPUT_TOKENS, "int", "Generated tokens, a count only (GenAI semconv)."),
         AttrSpec(GEN_AI_RESPONSE_ID, "string", "Completion id returned to the client (GenAI semconv)."),
         AttrSpec(KV_DESC_SCOPE, "string", "Descriptor build scope: `local`, `remote` or `request`."),
-        AttrSpec(KV_VIEW, "string", "Descriptor view: `fa`, `conv_x`, `conv_b`, `conv_c`, `ssm` or `all`."),
+        AttrSpec(KV_VIEW, "string", "Descriptor view: `fa`, `conv_x`, `conv_b`, `conv_c`, `ssm`, `mamba` (conv+SSM "
+                 "of a Mamba block, as vLLM's connector lists them) or `all`."),
         AttrSpec(KV_LAYER, "int", "Layer index in the model (absent when the span covers all layers)."),
         AttrSpec(KV_LAYER_KIND, "string", "Layer kind: `attention` or `mamba` (or `mixed` for a whole-request read)."),
         AttrSpec(KV_GROUP, "int", "HMA KV-cache group index."),

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from helpers import free_port
 
+from e2e import span_checks
 from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
 from hybrid_pd import launch
 from hybrid_pd.metrics import NixlMetrics, scrape_nixl_metrics
@@ -41,11 +42,13 @@ def _wait_metrics(c: httpx.Client, decode: str, before: NixlMetrics, transfers: 
 
 
 def run_pd(model: Path, tmp: Path, connector: str, prompts: list[list[int]],
-           engine_args: tuple[str, ...] = ()) -> tuple[list[list[int]], list[NixlMetrics], str]:
+           engine_args: tuple[str, ...] = (), telemetry_db: Path | None = None,
+           ) -> tuple[list[list[int]], list[NixlMetrics], str]:
     """Serve ``prompts`` one by one through P/D; tokens, per-request D metrics, D's log."""
     ports = pd_ports()
     cfg = launch.LaunchConfig(model=str(model), connector=connector,
-                              engine_args=engine_args_for(str(model), engine_args))
+                              engine_args=engine_args_for(str(model), engine_args),
+                              telemetry_db=str(telemetry_db) if telemetry_db else None)
     run_dir = tmp / f"pd-{connector}"
     tokens, per_request = [], []
     with launch.build_supervisor(cfg, run_dir, ports) as sup:
@@ -59,6 +62,8 @@ def run_pd(model: Path, tmp: Path, connector: str, prompts: list[list[int]],
                 assert r.status_code == 200, r.text
                 tokens.append(r.json()["choices"][0]["token_ids"])
                 per_request.append(_wait_metrics(c, decode, before, 1) - before)
+        if telemetry_db is not None:
+            time.sleep(2.0)  # span batches leave every 0.5 s; don't race the shutdown
     return tokens, per_request, (run_dir / "decode.log").read_text(errors="replace")
 
 
@@ -76,7 +81,8 @@ def test_hybrid_connector_matches_single_engine_and_reads_no_more(tiny_models, t
     prompts = [token_prompt(n) for n in HYBRID_LENGTHS]
     ref = reference(model, tmp_path, prompts, ())
 
-    ours, ours_m, d_log = run_pd(model, tmp_path, "hybrid", prompts)
+    db = tmp_path / "telemetry.db"
+    ours, ours_m, d_log = run_pd(model, tmp_path, "hybrid", prompts, telemetry_db=db)
     assert "hybrid connector: local layout" in d_log, d_log[-3000:]
     for n, g, r in zip(HYBRID_LENGTHS, ours, ref, strict=True):
         assert g == r, f"hybrid P/D differs from the single engine at {n} prompt tokens:\n{g}\n{r}"
@@ -85,8 +91,20 @@ def test_hybrid_connector_matches_single_engine_and_reads_no_more(tiny_models, t
         assert m.transfers == 1 and m.failed == 0, (n, m)
         assert m.bytes > 0 and m.descriptors > 0, (n, m)
 
-    theirs, theirs_m, _ = run_pd(model, tmp_path, "upstream", prompts)
+    # one trace per request: proxy -> P (blocks held) -> D (transfer, mapping, READ);
+    # the READ spans' NIXL bytes/descriptors are the ones vLLM's metrics counted
+    traces = span_checks.request_traces(db, "hybrid", len(prompts))
+    for n, m, tr in zip(HYBRID_LENGTHS, ours_m, traces, strict=True):
+        assert tr.read_bytes == m.bytes and tr.read_descriptors == m.descriptors, (n, m, tr)
+    span_checks.assert_descriptor_builds(db, "hybrid")
+
+    theirs, theirs_m, _ = run_pd(model, tmp_path, "upstream", prompts, telemetry_db=db)
     assert theirs == ref, "upstream P/D differs from the single engine"
+    # the instrumentor patch traces upstream's connector the same way
+    up = span_checks.request_traces(db, "upstream", len(prompts))
+    for n, m, tr in zip(HYBRID_LENGTHS, theirs_m, up, strict=True):
+        assert tr.read_bytes == m.bytes and tr.read_descriptors == m.descriptors, (n, m, tr)
+    span_checks.assert_descriptor_builds(db, "upstream")
     table = _table(HYBRID_LENGTHS, ours_m, theirs_m)
     print("\n" + table)
     (tmp_path / "bytes_vs_upstream.json").write_text(json.dumps(

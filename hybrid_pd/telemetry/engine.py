@@ -1,0 +1,110 @@
+"""Tracing inside vLLM engine processes, and the per-request trace hand-off.
+
+Engines are started by ``hybrid-pd serve`` (or anyone) with two environment variables:
+
+* ``HYBRID_PD_TELEMETRY_DB`` -- SQLAlchemy URL or path of the span database (the same
+  file the proxy writes; WAL makes several writers safe);
+* ``HYBRID_PD_ROLE`` -- ``prefill`` / ``decode`` (resource attribute ``hybrid_pd.role``).
+
+The standard ``OTEL_*`` variables add OTLP next to it (see :mod:`.setup`).  Neither set:
+no provider is built and every span call is OpenTelemetry's no-op (one attribute check).
+
+The request's trace crosses processes inside ``kv_transfer_params`` (the only per-request
+channel a KV connector sees): the proxy adds ``{"hybrid_pd_trace": {"traceparent": ...,
+"request_id": ...}}`` (:func:`trace_params`), the connector's scheduler copies it into the
+connector metadata, and the worker parents its spans on it (:func:`context_of`).  W3C
+``traceparent`` text, never pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+ENV_DB = "HYBRID_PD_TELEMETRY_DB"
+ENV_ROLE = "HYBRID_PD_ROLE"
+PARAMS_KEY = "hybrid_pd_trace"
+
+logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+_tracer: trace.Tracer | None = None
+_W3C = TraceContextTextMapPropagator()
+
+
+def _wants_tracing(env: Mapping[str, str]) -> bool:
+    if env.get(ENV_DB):
+        return True
+    exporters = env.get("OTEL_TRACES_EXPORTER", "")
+    if exporters:
+        return exporters.strip().lower() != "none"
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def engine_tracer(engine_id: str | None = None) -> trace.Tracer:
+    """This engine process's tracer (configured on first call from the environment).
+
+    Not installed as the global provider: vLLM's own ``--otlp-traces-endpoint`` tracing
+    may own that slot in the same process.
+    """
+    global _tracer
+    with _lock:
+        if _tracer is not None:
+            return _tracer
+        if not _wants_tracing(os.environ):
+            _tracer = trace.NoOpTracer()
+            return _tracer
+        from hybrid_pd.telemetry import setup
+
+        role = os.environ.get(ENV_ROLE, "engine")
+        try:
+            tel = setup.configure_tracing(
+                f"hybrid-pd-{role}", role, db_url=os.environ.get(ENV_DB) or None,
+                engine_id=engine_id, set_global=False,
+            )
+            _tracer = tel.tracer()
+        except Exception as exc:  # telemetry must never stop an engine
+            logger.error("hybrid-pd telemetry disabled in this engine: %s", exc)
+            _tracer = trace.NoOpTracer()
+        return _tracer
+
+
+def trace_params(request_id: str, context: Context | None = None) -> dict[str, str]:
+    """What the proxy puts under ``kv_transfer_params[PARAMS_KEY]``: the current span's
+    ``traceparent`` (and ``tracestate``) plus the proxy's request id."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    out = {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
+    out["request_id"] = request_id
+    return out
+
+
+def from_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The trace hand-off from a request's ``kv_transfer_params`` (None if absent/bad)."""
+    if not params:
+        return None
+    info = params.get(PARAMS_KEY)
+    if not isinstance(info, Mapping):
+        return None
+    out = {k: v for k, v in info.items() if k in ("traceparent", "tracestate", "request_id")
+           and isinstance(v, str) and len(v) < 512}
+    return out or None
+
+
+def context_of(info: Mapping[str, str] | None) -> Context | None:
+    """Parent context for spans of a request (None: start a new trace)."""
+    if not info or "traceparent" not in info:
+        return None
+    return _W3C.extract(dict(info))
+
+
+def reset_for_tests() -> None:
+    global _tracer
+    with _lock:
+        _tracer = None

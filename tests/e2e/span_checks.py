@@ -1,0 +1,94 @@
+"""Checks on the span database of a real P/D run, in plain SQL on the public ``spans``
+table (what a user querying it would write)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid_pd.telemetry import attributes as A
+
+
+@dataclass(frozen=True)
+class RequestTrace:
+    trace_id: str
+    request_id: str
+    read_bytes: int
+    read_descriptors: int
+    reads: int
+    names: frozenset[str]
+
+
+def _rows(db: Path, sql: str, *args: object) -> list[sqlite3.Row]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def _connector(row: sqlite3.Row) -> str | None:
+    return json.loads(row["attributes"]).get(A.CONNECTOR)
+
+
+def request_traces(db: Path, connector: str, n: int) -> list[RequestTrace]:
+    """The ``n`` request traces whose KV moved through ``connector``, oldest first, each
+    checked to hold the proxy's spans, P's hold span and D's transfer, mapping and READ
+    spans under one trace id and one request id."""
+    transfers = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ? ORDER BY start_ns",
+                                  A.SPAN_KV_TRANSFER) if _connector(r) == connector]
+    assert len(transfers) == n, (
+        f"{len(transfers)} {connector} transfer spans, expected {n}: "
+        f"{[dict(r) for r in transfers]}")
+    out = []
+    for t in transfers:
+        assert t["status"] != "ERROR" and t["role"] == "decode", dict(t)
+        spans = _rows(db, "SELECT * FROM spans WHERE trace_id = ?", t["trace_id"])
+        by_name: dict[str, list[sqlite3.Row]] = {}
+        for s in spans:
+            by_name.setdefault(s["name"], []).append(s)
+        (root,) = by_name.get(A.SPAN_PROXY_REQUEST, [None])
+        assert root is not None and root["parent_span_id"] is None, by_name.keys()
+        rid = root["request_id"]
+        for name, role in ((A.SPAN_PROXY_PREFILL, "proxy"), (A.SPAN_PROXY_DECODE, "proxy"),
+                           (A.SPAN_KV_NOTIFY, "prefill"), (A.SPAN_KV_TRANSFER, "decode"),
+                           (A.SPAN_KV_READ, "decode"), (A.SPAN_KV_DESC_BUILD, "decode")):
+            got = by_name.get(name, [])
+            assert got, f"trace {t['trace_id']} has no {name}: {sorted(by_name)}"
+            assert all(s["role"] == role and s["request_id"] == rid for s in got), \
+                [dict(s) for s in got]
+        (notify,) = by_name[A.SPAN_KV_NOTIFY]
+        assert notify["status"] != "ERROR", dict(notify)  # D's notification, not the lease
+        # P's hold span hangs under the proxy's prefill call, D's spans under its decode call
+        (p_call,), (d_call,) = by_name[A.SPAN_PROXY_PREFILL], by_name[A.SPAN_PROXY_DECODE]
+        assert notify["parent_span_id"] == p_call["span_id"]
+        assert t["parent_span_id"] == d_call["span_id"]
+        reads = by_name[A.SPAN_KV_READ]
+        assert all(r["status"] != "ERROR" and r["bytes"] > 0 and r["end_ns"] >= r["start_ns"]
+                   for r in reads), [dict(r) for r in reads]
+        mapping = [s for s in by_name[A.SPAN_KV_DESC_BUILD]
+                   if json.loads(s["attributes"])[A.KV_DESC_SCOPE] == "request"]
+        assert len(mapping) == len(reads), ([dict(s) for s in mapping], len(reads))
+        out.append(RequestTrace(
+            t["trace_id"], rid, sum(r["bytes"] for r in reads),
+            sum(r["descriptors"] for r in reads), len(reads), frozenset(by_name)))
+    assert len({t.trace_id for t in out}) == n, "requests share a trace"
+    return out
+
+
+def assert_descriptor_builds(db: Path, connector: str) -> None:
+    """Local (registration) and remote (handshake) descriptor builds on D, with counts."""
+    builds = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ?", A.SPAN_KV_DESC_BUILD)
+              if _connector(r) == connector]
+    scopes = {(json.loads(r["attributes"])[A.KV_DESC_SCOPE], r["role"]) for r in builds}
+    for want in (("local", "prefill"), ("local", "decode"), ("remote", "decode")):
+        assert want in scopes, (want, scopes)
+    assert all(r["descriptors"] > 0 and r["bytes"] > 0 for r in builds
+               if json.loads(r["attributes"])[A.KV_DESC_SCOPE] != "request"), \
+        [dict(r) for r in builds]
+    handshakes = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ?", A.SPAN_KV_HANDSHAKE)
+                  if _connector(r) == connector]
+    assert handshakes and all(h["role"] == "decode" and h["status"] != "ERROR" for h in handshakes)
