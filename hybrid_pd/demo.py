@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
         telemetry_db=launch.telemetry_db_from_args(args, run_dir),
+        kv_extra=launch.kv_extra_from_args(args),
     )
     ports = launch.ports_from_args(args)
     prompts = [demo_prompt(n) for n in args.prompt_words]

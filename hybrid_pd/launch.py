@@ -36,7 +36,7 @@ CONNECTORS = {
     # (engine_env sets VLLM_SSM_CONV_STATE_LAYOUT=DS: vLLM-CPU picks DS by connector name)
     "hybrid": ("HybridNixlConnector", "hybrid_pd.connector.vllm_connector"),
 }
-DEFAULT_CONNECTOR = "upstream"
+DEFAULT_CONNECTOR = "hybrid"
 
 
 class LaunchError(RuntimeError):
@@ -73,7 +73,8 @@ class LaunchConfig:
 # -- pure command/env construction (unit-tested) ----------------------------------------
 
 
-def default_kv_extra(num_cores: int, lease_s: int = 120) -> tuple[tuple[str, object], ...]:
+def default_kv_extra(num_cores: int, lease_s: int = 120,
+                     read_timeout_s: float = 60.0) -> tuple[tuple[str, object], ...]:
     """Our defaults for vLLM's ``kv_connector_extra_config``.
 
     kv_lease_duration: seconds P keeps a request's blocks for D before freeing them
@@ -82,8 +83,12 @@ def default_kv_extra(num_cores: int, lease_s: int = 120) -> tuple[tuple[str, obj
     num_threads: NIXL's UCX worker threads per agent (upstream: 4). On few cores those
         threads starve the engines: measured on 2 cores, P/D requests stalled 15–30 s
         in 3 of 8 requests with 4 threads and never with 1 (~0.4–2.2 s each).
+    hybrid_read_timeout_s: a READ still in flight after this long is aborted and the
+        request fails (vLLM's kv_load_failure_policy) instead of waiting forever; read by
+        our connector's worker (and upstream's under the tracing patch).
     """
-    extra: list[tuple[str, object]] = [("kv_lease_duration", lease_s)]
+    extra: list[tuple[str, object]] = [("kv_lease_duration", lease_s),
+                                       ("hybrid_read_timeout_s", read_timeout_s)]
     if num_cores < 8:
         extra.append(("num_threads", 1))
     return tuple(extra)
@@ -117,7 +122,8 @@ def engine_command(cfg: LaunchConfig, spec: EngineSpec, python: str = sys.execut
     ]
     if cfg.enforce_eager and "--no-enforce-eager" not in cfg.engine_args:
         cmd.append("--enforce-eager")
-    extra = dict(cfg.kv_extra) or dict(default_kv_extra(len(os.sched_getaffinity(0))))
+    # our defaults, each overridable by cfg.kv_extra
+    extra = {**dict(default_kv_extra(len(os.sched_getaffinity(0)))), **dict(cfg.kv_extra)}
     kvt = kv_transfer_config(spec.role, cfg.connector, extra)
     if kvt is not None:
         cmd += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
@@ -406,9 +412,20 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-db", default=None, metavar="PATH|URL",
                    help="span database written by P, D and the proxy (SQLite path or SQLAlchemy "
                    "URL; default: RUN_DIR/telemetry.db); OTEL_* variables add OTLP export")
+    p.add_argument("--kv-read-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a KV READ still in flight after this long and fail its request "
+                   "(kv_connector_extra_config.hybrid_read_timeout_s; default 60)")
     p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
                    help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
+
+
+def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    if args.kv_read_timeout is None:
+        return ()
+    if args.kv_read_timeout <= 0:
+        raise SystemExit(f"--kv-read-timeout must be > 0 seconds, got {args.kv_read_timeout}")
+    return (("hybrid_read_timeout_s", args.kv_read_timeout),)
 
 
 def telemetry_db_from_args(args: argparse.Namespace, run_dir: Path) -> str | None:
@@ -446,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
-        telemetry_db=telemetry_db_from_args(args, run_dir),
+        telemetry_db=telemetry_db_from_args(args, run_dir), kv_extra=kv_extra_from_args(args),
     )
     sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp)
 

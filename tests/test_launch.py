@@ -42,8 +42,10 @@ def test_engine_command_passes_user_args_and_connector():
 
 
 def test_default_kv_extra_limits_nixl_threads_on_small_machines():
-    assert dict(default_kv_extra(2)) == {"kv_lease_duration": 120, "num_threads": 1}
-    assert dict(default_kv_extra(64, lease_s=45)) == {"kv_lease_duration": 45}
+    assert dict(default_kv_extra(2)) == {"kv_lease_duration": 120, "num_threads": 1,
+                                         "hybrid_read_timeout_s": 60.0}
+    assert dict(default_kv_extra(64, lease_s=45, read_timeout_s=5)) == {
+        "kv_lease_duration": 45, "hybrid_read_timeout_s": 5}
 
 
 def test_engine_env_ports_binding_and_reference_layout():
@@ -92,3 +94,12 @@ def test_other_binding_modes():
     assert plan_cpu_binding([("p", 2)], [0, 1, 2, 3], "nobind") == {"p": "nobind"}
     with pytest.raises(ValueError, match="unknown CPU binding 'x'"):
         plan_cpu_binding([("p", 1)], [0], "x")
+
+
+def test_kv_extra_overrides_defaults_one_key_at_a_time():
+    cfg = LaunchConfig(model="m", kv_extra=(("kv_lease_duration", 5),))
+    cmd = engine_command(cfg, EngineSpec("decode", "decode", 8200, 1, 5700))
+    kvt = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+    extra = kvt["kv_connector_extra_config"]
+    assert extra["kv_lease_duration"] == 5 and extra["hybrid_read_timeout_s"] == 60.0
+    assert kvt["kv_connector"] == "HybridNixlConnector"  # ours is the default

@@ -1,0 +1,284 @@
+"""Unit tests of the connector tracing mixins' logic over a fake upstream worker.
+
+The fake keeps upstream's contracts that the mixins rely on (``_recving_transfers``
+handles, ``_pop_done_transfers`` / ``_handle_failed_transfer`` semantics,
+``get_transfer_results``); the real thing is exercised end to end in
+tests/e2e/test_hybrid_connector.py (spans from real engines, both connectors)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from hybrid_pd.connector import vllm_tracing as vt
+from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.telemetry import engine as tel
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+class FakeNixl:
+    def __init__(self) -> None:
+        self.states: dict[int, str] = {}
+        self.released: list[int] = []
+
+    def check_xfer_state(self, h: int) -> str:
+        return self.states[h]
+
+    def get_xfer_telemetry(self, h: int) -> Any:
+        return SimpleNamespace(postDuration=5, xferDuration=70, totalBytes=4096, descCount=3)
+
+    def release_xfer_handle(self, h: int) -> None:
+        self.released.append(h)
+
+
+class FakeUpstreamWorker:
+    """The parts of vLLM 0.32's NixlPullConnectorWorker the mixin wraps."""
+
+    def __init__(self, timeout: object = None) -> None:
+        extra = {} if timeout is None else {vt.TIMEOUT_KEY: timeout}
+        self.vllm_config = SimpleNamespace(
+            kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+            parallel_config=SimpleNamespace(tensor_parallel_size=1))
+        self.engine_id, self.tp_rank = "decode-engine", 0
+        self.nixl_wrapper = FakeNixl()
+        self._recving_transfers: dict[str, list[int]] = defaultdict(list)
+        self._recv_failures: set[str] = set()
+        self._reqs_to_send: dict[str, float] = {}
+        self.logged: list[str] = []
+        self._next = 100
+
+    def start_load_kv(self, metadata: Any) -> None:
+        for rid, meta in metadata.reqs_to_recv.items():
+            self._read_blocks_for_req(rid, meta)
+        self._reqs_to_send.update(metadata.reqs_to_send)
+
+    def _read_blocks_for_req(self, req_id: str, meta: Any) -> None:
+        self._read_blocks(SimpleNamespace(remote_rank=0), meta.remote.engine_id, req_id)
+
+    def _compute_desc_ids(self, *args: Any, **kwargs: Any) -> list[int]:
+        return [1, 2, 3]
+
+    def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str) -> bool:
+        self._compute_desc_ids()
+        self._compute_desc_ids()
+        self._next += 1
+        self.nixl_wrapper.states[self._next] = "PROC"
+        self._recving_transfers[request_id].append(self._next)
+        return True
+
+    def _log_failure(self, failure_type: str, req_id: str | None, msg: str = "", **kw: Any) -> None:
+        self.logged.append(f"{failure_type} {req_id} {msg}")
+
+    def _handle_failed_transfer(self, req_id: str, handle: int | None, failed: set[str] | None = None) -> bool:
+        if failed is not None:
+            failed.add(req_id)
+        if handle is not None:
+            self.nixl_wrapper.release_xfer_handle(handle)
+        return True
+
+    def _pop_done_transfers(self, transfers: dict[str, list[int]]) -> tuple[set[str], set[str]]:
+        done: set[str] = set()
+        failed: set[str] = set()
+        for rid, handles in list(transfers.items()):
+            left = []
+            for h in handles:
+                state = self.nixl_wrapper.check_xfer_state(h)
+                if state == "DONE":
+                    self.nixl_wrapper.release_xfer_handle(h)
+                elif state == "PROC":
+                    left.append(h)
+                else:
+                    self._log_failure("transfer_failed", rid)
+                    self._handle_failed_transfer(rid, h, failed)
+            if left:
+                transfers[rid] = left
+            else:
+                done.add(rid)
+                del transfers[rid]
+        return done, failed
+
+    def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
+        for rid in [r for r, t in self._reqs_to_send.items() if t <= time.perf_counter()]:
+            del self._reqs_to_send[rid]
+            done_sending.add(rid)
+
+    def _get_new_notifs(self) -> set[str]:
+        return set()
+
+    def get_transfer_results(self) -> Any:
+        done, failed = self._pop_done_transfers(self._recving_transfers)
+        self._recv_failures |= failed
+        failed_done = {r for r in self._recv_failures if r not in self._recving_transfers}
+        self._recv_failures -= failed_done
+        sending = self._get_new_notifs()
+        self._reap_expired_send_leases(sending)
+        return SimpleNamespace(finished_recving=done | failed_done, failed_recving=failed_done,
+                               finished_sending=sending)
+
+
+class Worker(vt.TracedWorkerMixin, FakeUpstreamWorker):
+    HY_CONNECTOR = "hybrid"
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    mem = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    monkeypatch.setattr(tel, "engine_tracer", lambda engine_id=None: provider.get_tracer("t"))
+    return mem
+
+
+def recv_meta(rid: str = "req-1") -> Any:
+    remote = SimpleNamespace(engine_id="prefill-engine")
+    meta = SimpleNamespace(reqs_to_recv={rid: SimpleNamespace(remote=remote)}, reqs_to_send={})
+    setattr(meta, vt.META_ATTR, {rid: {"traceparent": f"00-{TRACE}-{PARENT}-01", "request_id": "pd-42"}})
+    return meta
+
+
+def by_name(mem: InMemorySpanExporter) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = defaultdict(list)
+    for s in mem.get_finished_spans():
+        out[s.name].append(s)
+    return out
+
+
+def test_read_spans_join_the_request_trace_with_nixl_numbers(spans: InMemorySpanExporter) -> None:
+    w = Worker()
+    w.start_load_kv(recv_meta())
+    res = w.get_transfer_results()  # still PROC: nothing ends
+    assert res.finished_recving == set() and not by_name(spans)[A.SPAN_KV_READ]
+    (h,) = w._recving_transfers["req-1"]
+    w.nixl_wrapper.states[h] = "DONE"
+    res = w.get_transfer_results()
+    assert res.finished_recving == {"req-1"} and res.failed_recving == set()
+    got = by_name(spans)
+    (read,), (xfer,), (mapping,) = got[A.SPAN_KV_READ], got[A.SPAN_KV_TRANSFER], got[A.SPAN_KV_DESC_BUILD]
+    for s in (read, xfer, mapping):
+        assert format(s.context.trace_id, "032x") == TRACE
+        assert format(s.parent.span_id, "016x") == PARENT
+        assert s.attributes[A.REQUEST_ID] == "pd-42" and s.attributes[A.CONNECTOR] == "hybrid"
+    assert read.attributes[A.KV_BYTES] == 4096 and read.attributes[A.KV_DESCRIPTORS] == 3
+    assert read.attributes[A.KV_NIXL_POST_US] == 5 and read.attributes[A.KV_NIXL_XFER_US] == 70
+    assert read.attributes[A.KV_STATUS] == "done" and read.attributes[A.KV_POLLS] == 2
+    assert 0 < read.attributes[A.KV_COMPLETION_LAG_NS] <= read.end_time - read.start_time
+    assert xfer.attributes[A.KV_READS] == 1 and xfer.attributes[A.KV_BYTES] == 4096
+    assert xfer.status.status_code != StatusCode.ERROR
+    assert mapping.attributes[A.KV_DESC_SCOPE] == "request" and mapping.attributes[A.KV_DESCRIPTORS] == 3
+    assert xfer.start_time <= mapping.start_time <= read.start_time <= read.end_time <= xfer.end_time
+
+
+def test_stalled_read_is_aborted_released_and_failed(spans: InMemorySpanExporter) -> None:
+    w = Worker(timeout=0.05)
+    w.start_load_kv(recv_meta())
+    (h,) = w._recving_transfers["req-1"]
+    assert w.get_transfer_results().finished_recving == set()  # young: left alone
+    time.sleep(0.08)
+    res = w.get_transfer_results()
+    assert res.finished_recving == {"req-1"} and res.failed_recving == {"req-1"}
+    assert w.nixl_wrapper.released == [h] and "req-1" not in w._recving_transfers
+    assert any(line.startswith("transfer_stalled req-1") for line in w.logged), w.logged
+    got = by_name(spans)
+    (abort,), (read,), (xfer,) = got[A.SPAN_KV_ABORT], got[A.SPAN_KV_READ], got[A.SPAN_KV_TRANSFER]
+    assert abort.attributes[A.KV_STATUS] == "timeout" and abort.attributes[A.KV_WAITED_MS] >= 50
+    assert read.status.status_code == StatusCode.ERROR and read.attributes[A.KV_STATUS] == "timeout"
+    assert xfer.status.status_code == StatusCode.ERROR
+    assert "transfer_stalled" in xfer.attributes[A.KV_FAILURE_REASON]
+
+
+def test_no_timeout_configured_never_aborts(spans: InMemorySpanExporter) -> None:
+    w = Worker()
+    w.start_load_kv(recv_meta())
+    time.sleep(0.02)
+    assert w.get_transfer_results().finished_recving == set()
+    assert w.nixl_wrapper.released == [] and not by_name(spans)[A.SPAN_KV_ABORT]
+
+
+def test_nixl_error_state_fails_the_read_span(spans: InMemorySpanExporter) -> None:
+    w = Worker()
+    w.start_load_kv(recv_meta())
+    (h,) = w._recving_transfers["req-1"]
+    w.nixl_wrapper.states[h] = "ERR"
+    res = w.get_transfer_results()
+    assert res.failed_recving == {"req-1"}
+    (read,) = by_name(spans)[A.SPAN_KV_READ]
+    assert read.status.status_code == StatusCode.ERROR
+    assert read.attributes[A.KV_FAILURE_REASON] == "transfer_failed"
+
+
+def test_bad_timeout_is_a_clear_error(spans: InMemorySpanExporter) -> None:
+    with pytest.raises(ValueError, match="hybrid_read_timeout_s='soon' is not a number of seconds"):
+        Worker(timeout="soon").start_load_kv(recv_meta())
+
+
+def test_prefill_hold_span_ends_at_notification_or_lease_expiry(spans: InMemorySpanExporter) -> None:
+    class P(Worker):
+        notified: set[str] = set()
+
+        def _get_new_notifs(self) -> set[str]:
+            out, self.notified = set(self.notified), set()
+            return out
+
+    w = P()
+    meta = SimpleNamespace(reqs_to_recv={}, reqs_to_send={"a": time.perf_counter() + 60,
+                                                         "b": time.perf_counter() - 1})
+    setattr(meta, vt.META_ATTR, {"a": {"request_id": "pd-a"}, "b": {"request_id": "pd-b"}})
+    w.start_load_kv(meta)
+    w.notified = {"a"}
+    assert w.get_transfer_results().finished_sending == {"a", "b"}
+    holds = {s.attributes[A.REQUEST_ID]: s for s in by_name(spans)[A.SPAN_KV_NOTIFY]}
+    assert holds["pd-a"].attributes[A.KV_STATUS] == "done"
+    assert holds["pd-a"].status.status_code != StatusCode.ERROR
+    assert holds["pd-b"].attributes[A.KV_STATUS] == "aborted"
+    assert holds["pd-b"].status.status_code == StatusCode.ERROR
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self._reqs_need_recv: dict[str, tuple[Any, ...]] = {}
+        self._reqs_need_send: dict[str, float] = {}
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        self._reqs_need_send[request.request_id] = 1.0
+        return True, {"remote_engine_id": "P"}
+
+    def build_connector_meta(self, scheduler_output: Any) -> Any:
+        meta = SimpleNamespace(reqs_to_send=self._reqs_need_send, reqs_to_recv=dict(self._reqs_need_recv))
+        self._reqs_need_recv, self._reqs_need_send = {}, {}
+        return meta
+
+
+class Scheduler(vt.TracedSchedulerMixin, FakeScheduler):
+    pass
+
+
+def test_scheduler_forwards_trace_hand_off_to_workers() -> None:
+    s = Scheduler()
+    hand_off = {"traceparent": f"00-{TRACE}-{PARENT}-01", "request_id": "pd-1"}
+    p_req = SimpleNamespace(request_id="p1", kv_transfer_params={"do_remote_decode": True,
+                                                                   tel.PARAMS_KEY: hand_off})
+    d_req = SimpleNamespace(request_id="d1", kv_transfer_params={tel.PARAMS_KEY: {"request_id": "pd-2"}})
+    plain = SimpleNamespace(request_id="x", kv_transfer_params={"remote_engine_id": "P"})
+    s.request_finished(p_req, ())
+    s._reqs_need_recv = {"d1": (d_req, [], (), True), "x": (plain, [], (), True)}
+    meta = s.build_connector_meta(None)
+    assert getattr(meta, vt.META_ATTR) == {"p1": hand_off, "d1": {"request_id": "pd-2"}}
+    assert not hasattr(s.build_connector_meta(None), vt.META_ATTR)  # nothing left over
+
+
+def test_hand_off_from_params_ignores_junk() -> None:
+    assert tel.from_params(None) is None
+    assert tel.from_params({tel.PARAMS_KEY: "nope"}) is None
+    assert tel.from_params({tel.PARAMS_KEY: {"traceparent": 5, "evil": "x"}}) is None
+    assert tel.from_params({tel.PARAMS_KEY: {"request_id": "r" * 600}}) is None
+    assert tel.context_of({"request_id": "r"}) is None
