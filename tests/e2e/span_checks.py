@@ -34,18 +34,24 @@ def _connector(row: sqlite3.Row) -> str | None:
     return json.loads(row["attributes"]).get(A.CONNECTOR)
 
 
-def request_traces(db: Path, connector: str, n: int) -> list[RequestTrace]:
+def request_traces(db: Path, connector: str, n: int, prefill_tp: int = 1,
+                   decode_tp: int = 1, tolerated_failures: int = 0) -> list[RequestTrace]:
     """The ``n`` request traces whose KV moved through ``connector``, oldest first, each
-    checked to hold the proxy's spans, P's hold span and D's transfer, mapping and READ
-    spans under one trace id and one request id."""
-    transfers = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ? ORDER BY start_ns",
-                                  A.SPAN_KV_TRANSFER) if _connector(r) == connector]
+    checked to hold the proxy's spans, P's hold span (one per P rank) and D's transfer
+    (one per D rank), mapping and READ spans (one per (D rank, P rank) read) under one
+    trace id and one request id."""
+    transfers = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ? AND rank = 0 "
+                                  "ORDER BY start_ns", A.SPAN_KV_TRANSFER)
+                 if _connector(r) == connector]
+    failed = [r for r in transfers if r["status"] == "ERROR"]
+    assert len(failed) <= tolerated_failures, [dict(r) for r in failed]
+    transfers = [r for r in transfers if r["status"] != "ERROR"]
     assert len(transfers) == n, (
         f"{len(transfers)} {connector} transfer spans, expected {n}: "
         f"{[dict(r) for r in transfers]}")
     out = []
     for t in transfers:
-        assert t["status"] != "ERROR" and t["role"] == "decode", dict(t)
+        assert t["role"] == "decode", dict(t)
         spans = _rows(db, "SELECT * FROM spans WHERE trace_id = ?", t["trace_id"])
         by_name: dict[str, list[sqlite3.Row]] = {}
         for s in spans:
@@ -60,13 +66,18 @@ def request_traces(db: Path, connector: str, n: int) -> list[RequestTrace]:
             assert got, f"trace {t['trace_id']} has no {name}: {sorted(by_name)}"
             assert all(s["role"] == role and s["request_id"] == rid for s in got), \
                 [dict(s) for s in got]
-        (notify,) = by_name[A.SPAN_KV_NOTIFY]
-        assert notify["status"] != "ERROR", dict(notify)  # D's notification, not the lease
-        # P's hold span hangs under the proxy's prefill call, D's spans under its decode call
+        notifies = by_name[A.SPAN_KV_NOTIFY]
+        assert sorted(s["rank"] for s in notifies) == list(range(prefill_tp)), \
+            [dict(s) for s in notifies]
+        # D's notification, not the lease expiry
+        assert all(s["status"] != "ERROR" for s in notifies), [dict(s) for s in notifies]
+        assert sorted(s["rank"] for s in by_name[A.SPAN_KV_TRANSFER]) == list(range(decode_tp))
+        # P's hold spans hang under the proxy's prefill call, D's spans under its decode call
         (p_call,), (d_call,) = by_name[A.SPAN_PROXY_PREFILL], by_name[A.SPAN_PROXY_DECODE]
-        assert notify["parent_span_id"] == p_call["span_id"]
-        assert t["parent_span_id"] == d_call["span_id"]
+        assert all(s["parent_span_id"] == p_call["span_id"] for s in notifies)
+        assert all(s["parent_span_id"] == d_call["span_id"] for s in by_name[A.SPAN_KV_TRANSFER])
         reads = by_name[A.SPAN_KV_READ]
+        assert len(reads) == max(prefill_tp, decode_tp), [dict(r) for r in reads]
         assert all(r["status"] != "ERROR" and r["bytes"] > 0 and r["end_ns"] >= r["start_ns"]
                    for r in reads), [dict(r) for r in reads]
         mapping = [s for s in by_name[A.SPAN_KV_DESC_BUILD]

@@ -145,10 +145,11 @@ def reference_tp(model: Path, tmp: Path, prompts: list[list[int]], tp: int) -> l
 
 
 def run_pd_tp(model: Path, tmp: Path, prompts: list[list[int]], prefill_tp: int,
-              decode_tp: int) -> tuple[list[list[int]], list[NixlMetrics], str]:
+              decode_tp: int, telemetry_db: Path) -> tuple[list[list[int]], list[NixlMetrics], str]:
     ports = pd_ports()
     cfg = launch.LaunchConfig(model=str(model), connector="hybrid",
-                              engine_args=engine_args_for(str(model), ()))
+                              engine_args=engine_args_for(str(model), ()),
+                              telemetry_db=str(telemetry_db))
     run_dir = tmp / f"pd-hybrid-p{prefill_tp}-d{decode_tp}"
     reads = max(prefill_tp, decode_tp)  # READs per request over all D ranks
     tokens, per_request = [], []
@@ -165,6 +166,7 @@ def run_pd_tp(model: Path, tmp: Path, prompts: list[list[int]], prefill_tp: int,
                 assert r.status_code == 200, r.text
                 tokens.append(r.json()["choices"][0]["token_ids"])
                 per_request.append(_wait_metrics(c, decode, before, reads) - before)
+        time.sleep(2.0)  # span batches leave every 0.5 s
     return tokens, per_request, (run_dir / "decode.log").read_text(errors="replace")
 
 
@@ -200,11 +202,18 @@ def test_hybrid_connector_heterogeneous_tp(tiny_models, tmp_path, name, prefill_
     model = tiny_models[name]
     prompts = [token_prompt(n) for n in HETERO_LENGTHS]
     ref = reference_tp(model, tmp_path, prompts, decode_tp)
-    got, metrics, d_log = run_pd_tp(model, tmp_path, prompts, prefill_tp, decode_tp)
+    db = tmp_path / "telemetry.db"
+    got, metrics, d_log = run_pd_tp(model, tmp_path, prompts, prefill_tp, decode_tp, db)
     assert f"P TP{prefill_tp} D TP{decode_tp}" in d_log, d_log[-3000:]
     reads = max(prefill_tp, decode_tp)
     for n, m in zip(HETERO_LENGTHS, metrics, strict=True):
         assert m.transfers == reads and m.failed == 0 and m.bytes > 0, (n, m)
+    # every rank's spans join the request's trace (the hand-off crosses the TP workers);
+    # the first trace is the handshake warm-up request (whose retries, if any, failed)
+    traces = span_checks.request_traces(db, "hybrid", 1 + len(prompts), prefill_tp, decode_tp,
+                                        tolerated_failures=2)
+    for n, m, tr in zip(HETERO_LENGTHS, metrics, traces[1:], strict=True):
+        assert tr.read_bytes == m.bytes and tr.read_descriptors == m.descriptors, (n, m, tr)
     for n, g, r in zip(HETERO_LENGTHS, got, ref, strict=True):
         assert g == r, (
             f"P TP{prefill_tp} -> D TP{decode_tp} differs from a TP{decode_tp} engine at "
