@@ -138,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
         print("[demo] building the tiny hybrid model (offline, deterministic)...", file=sys.stderr)
         args.model = str(model_path("tiny-nemotron-h"))
     run_dir = args.run_dir or launch.default_run_dir("demo")
+    if args.kv_read_granularity is None:
+        # the demo shows the monitoring: one READ per layer, so the dashboard's request
+        # timeline has a row per layer (serve's default is one READ per request)
+        args.kv_read_granularity = "layer"
     cfg = launch.LaunchConfig(
         model=args.model, host=args.host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
@@ -172,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print()
     print(f"hybrid-pd demo: {Path(args.model).name}, P TP={args.prefill_tp}, D TP={args.decode_tp}, "
-          f"connector={args.connector}, greedy, {args.max_tokens} new tokens")
+          f"connector={args.connector}, reads per {args.kv_read_granularity}, greedy, "
+          f"{args.max_tokens} new tokens")
     print(f"engine start (s): reference {ref_start:.0f}, prefill {starts['prefill']:.0f}, "
           f"decode {starts['decode']:.0f}")
     print(format_table(rows))

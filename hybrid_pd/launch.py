@@ -415,17 +415,29 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-read-timeout", type=float, default=None, metavar="SECONDS",
                    help="abort a KV READ still in flight after this long and fail its request "
                    "(kv_connector_extra_config.hybrid_read_timeout_s; default 60)")
+    p.add_argument("--kv-read-granularity", default=None, metavar="request|layer|sampled:K",
+                   help="our connector: one READ per P rank and request (default, upstream's), "
+                   "one per layer (per-layer timelines), or per layer for 1 request in K")
     p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
                    help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
 
 
 def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
-    if args.kv_read_timeout is None:
-        return ()
-    if args.kv_read_timeout <= 0:
-        raise SystemExit(f"--kv-read-timeout must be > 0 seconds, got {args.kv_read_timeout}")
-    return (("hybrid_read_timeout_s", args.kv_read_timeout),)
+    out: list[tuple[str, object]] = []
+    if args.kv_read_timeout is not None:
+        if args.kv_read_timeout <= 0:
+            raise SystemExit(f"--kv-read-timeout must be > 0 seconds, got {args.kv_read_timeout}")
+        out.append(("hybrid_read_timeout_s", args.kv_read_timeout))
+    if args.kv_read_granularity is not None:
+        from hybrid_pd.connector.nixl_executor import parse_granularity
+
+        try:
+            parse_granularity(args.kv_read_granularity)
+        except ValueError as exc:
+            raise SystemExit(f"--kv-read-granularity: {exc}") from exc
+        out.append(("hybrid_read_granularity", args.kv_read_granularity))
+    return tuple(out)
 
 
 def telemetry_db_from_args(args: argparse.Namespace, run_dir: Path) -> str | None:

@@ -282,3 +282,29 @@ def test_hand_off_from_params_ignores_junk() -> None:
     assert tel.from_params({tel.PARAMS_KEY: {"traceparent": 5, "evil": "x"}}) is None
     assert tel.from_params({tel.PARAMS_KEY: {"request_id": "r" * 600}}) is None
     assert tel.context_of({"request_id": "r"}) is None
+
+
+def test_per_layer_reads_carry_their_layer(spans: InMemorySpanExporter) -> None:
+    class LayerCore(FakeUpstreamWorker):  # like _HybridWorkerCore: posts one READ per layer
+        def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str) -> bool:
+            self._hy_last_plan = (time.time_ns(), time.time_ns(), 8192, 6)
+            self._hy_last_layers = [(1, "attention", 4096, 3), (3, "mamba", 4096, 3)]
+            for _ in range(2):
+                self._next += 1
+                self.nixl_wrapper.states[self._next] = "DONE"
+                self._recving_transfers[request_id].append(self._next)
+            return True
+
+    class LayerWorker(vt.TracedWorkerMixin, LayerCore):
+        pass
+
+    w = LayerWorker()
+    w.start_load_kv(recv_meta())
+    assert w.get_transfer_results().finished_recving == {"req-1"}
+    got = by_name(spans)
+    reads = sorted(got[A.SPAN_KV_READ], key=lambda s: s.attributes[A.KV_LAYER])
+    assert [(s.attributes[A.KV_LAYER], s.attributes[A.KV_LAYER_KIND]) for s in reads] == [
+        (1, "attention"), (3, "mamba")]
+    (xfer,), (mapping,) = got[A.SPAN_KV_TRANSFER], got[A.SPAN_KV_DESC_BUILD]
+    assert xfer.attributes[A.KV_READS] == 2 and xfer.attributes[A.KV_BYTES] == 8192
+    assert mapping.attributes[A.KV_BYTES] == 8192 and mapping.attributes[A.KV_DESCRIPTORS] == 6

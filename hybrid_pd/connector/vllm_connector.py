@@ -88,6 +88,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 from hybrid_pd.connector import vllm_mapping as vm
 from hybrid_pd.connector.layout import EngineLayout, build_engine_layout
 from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.connector.nixl_executor import parse_granularity, per_layer_for, split_units
 from hybrid_pd.connector.plan import (
     PeerTemplate,
     dual_view,
@@ -105,6 +106,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hybrid_pd.connector")
 
 SUPPORTED_VLLM = "0.32"
+GRANULARITY_KEY = "hybrid_read_granularity"
 
 
 def _require_vllm() -> None:
@@ -161,6 +163,13 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
         self._hy_adding: tuple[str, int] | None = None
         self._hy_snapshots: dict[str, _Snapshot] = {}
         self._hy_ids: tuple[np.ndarray, np.ndarray] | None = None
+        # READ granularity: request (one READ per P rank, upstream's), layer, sampled:K
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self._hy_granularity = str(extra.get(GRANULARITY_KEY, "request"))
+        parse_granularity(self._hy_granularity)  # a clear ValueError at start
+        self._hy_requests = 0
+        self._hy_index: dict[str, int] = {}
+        self._hy_layer_kinds: dict[int, str] = {}
         # Our planner models Mamba2 hybrids; a model without Mamba state (dense) keeps
         # upstream's descriptors and reads unchanged through this same connector.
         self._hy_active = self._has_mamba
@@ -262,6 +271,8 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
         if min(lens) < layout.region_bytes:
             raise ValueError(f"KV tensors ({lens} B) smaller than the layout's {layout.region_bytes} B")
         self._hy_spec = spec
+        self._hy_layer_kinds = {layer: str(g.kind.value) for g in layout.hma_groups
+                                for layer in g.layers}
         self._hy_local = _Side(layout, bases, lens, self.device_id)
         self._hy_perm = perm
         self._hy_kinds = tuple(kinds)
@@ -452,6 +463,7 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
             super()._read_blocks_for_req(req_id, meta)
         finally:
             self._hy_snapshots.pop(req_id, None)
+            self._hy_index.pop(req_id, None)
 
     # upstream: NixlPullConnectorWorker._read_blocks
     def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str, *args: Any,
@@ -509,11 +521,70 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
             if args or "local_xfer_side_handle" not in kwargs:
                 raise RuntimeError("HybridNixlConnector: unexpected _read_blocks call shape")
             kwargs["local_xfer_side_handle"] = self._hy_local_handles[(dst_engine_id, rank)]
+        # requests numbered when first read (a call deferred for a handshake reads nothing)
+        if request_id not in self._hy_index:
+            self._hy_index[request_id] = self._hy_requests
+            self._hy_requests += 1
+        if per_layer_for(self._hy_granularity, self._hy_index[request_id]):
+            read = next(r for r in plan.reads if r.prefill_rank == rank)
+            parts = split_units(read, local.layout,
+                                vm.reorder(aligned.decode_block_ids, self._hy_perm), True)
+            return self._hy_read_layers(read, parts, dst_engine_id, request_id, rank, kwargs)
         self._hy_ids = (np.asarray(rids, dtype=np.int64), np.asarray(lids, dtype=np.int64))
         try:
             return super()._read_blocks(read_spec, dst_engine_id, request_id, *args, **kwargs)
         finally:
             self._hy_ids = None
+
+    def _hy_read_layers(self, read: Any, parts: list[tuple[int | None, list[int]]],
+                        dst_engine_id: str, request_id: str, rank: int,
+                        kw: dict[str, Any]) -> bool:
+        """One READ per cache layer (``hybrid_read_granularity`` layer / sampled:K), the
+        way upstream's ``_read_blocks_mixed`` posts several handles for one request: all
+        handles made first, P's notification deferred to ``_pending_recv_notifs`` (upstream
+        sends it once every handle is DONE, and drops it on failure so P's lease frees the
+        blocks), then each handle started.  Failure paths are upstream's."""
+        if kw.get("local_dram_handle") is not None or self._mixed_mem_types:
+            raise NotImplementedError("per-layer reads with mixed memory types")
+        local_h, remote_h = kw["local_xfer_side_handle"], kw["remote_xfer_side_handle"]
+        notif_id = f"{kw['remote_request_id']}:{kw['expected_consumers']}".encode()
+        agent = self._remote_agents[dst_engine_id][(0, rank)]
+        lids = np.asarray(read.local_ids, dtype=np.int64)
+        rids = np.asarray(read.remote_ids, dtype=np.int64)
+        kinds = self._hy_layer_kinds
+        handles: list[int] = []
+        try:
+            try:
+                for _, idx in parts:
+                    handles.append(self.nixl_wrapper.make_prepped_xfer(
+                        "READ", local_h, lids[idx], remote_h, rids[idx]))
+            except Exception:
+                for h in handles:
+                    if not self._try_release_xfer_handle(request_id, h):
+                        self._recving_transfers[request_id].append(h)
+                raise
+            # for the per-layer read spans (vllm_tracing), in post order
+            self._hy_last_layers = [
+                (layer, kinds.get(layer, ""), sum(read.local[i][1] for i in idx), len(idx))
+                for layer, idx in parts
+            ]
+            self._pending_recv_notifs.setdefault(request_id, []).append((agent, notif_id))
+            for i, h in enumerate(handles):
+                try:
+                    self.nixl_wrapper.transfer(h)
+                except Exception:
+                    for unstarted in handles[i:]:
+                        if not self._try_release_xfer_handle(request_id, unstarted):
+                            self._recving_transfers[request_id].append(unstarted)
+                    raise
+                self._recving_transfers[request_id].append(h)
+            return True
+        except Exception as e:
+            self._log_failure(failure_type="transfer_setup_failed", req_id=request_id,
+                              msg="per-layer READ could not be posted", error=e,
+                              dst_engine_id=dst_engine_id, remote_rank=rank)
+            self._handle_failed_transfer(request_id, None, self._recv_failures)
+            return False
 
     # upstream: NixlBaseConnectorWorker._compute_desc_ids
     def _compute_desc_ids(self, block_ids: Any, dst_num_blocks: int,

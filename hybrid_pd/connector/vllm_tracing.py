@@ -108,6 +108,8 @@ class _Read:
     polls: int = 0
     telemetry: tuple[float, float, int, int] | None = None  # post_us, xfer_us, bytes, descs
     failure: str = ""
+    layer: int | None = None  # per-layer reads (our connector's layer granularity)
+    kind: str = "mixed"
 
 
 @dataclass
@@ -294,10 +296,15 @@ class TracedWorkerMixin:
                 A.KV_BYTES: plan[2] if plan is not None else None,
                 A.KV_PEER_ENGINE_ID: dst_engine_id, A.KV_PEER_RANK: read_spec.remote_rank,
             })
-        post = st.map_t1 or t0
+        post = st.map_t1 or (plan[1] if plan is not None else t0)
         tr = st.transfers.get(request_id)
-        for h in new:
-            st.reads[h] = _Read(request_id, dst_engine_id, read_spec.remote_rank, post, t1)
+        layers = w.__dict__.pop("_hy_last_layers", None)  # ours, per-layer: in post order
+        if layers is not None and len(layers) != len(new):
+            layers = None
+        for i, h in enumerate(new):
+            rec = st.reads[h] = _Read(request_id, dst_engine_id, read_spec.remote_rank, post, t1)
+            if layers is not None:
+                rec.layer, rec.kind = layers[i][0], layers[i][1] or "mixed"
             if tr is not None:
                 tr.reads += 1
         if not ok:
@@ -358,7 +365,7 @@ class TracedWorkerMixin:
     def _hy_end_read(self, rec: _Read, now: int, failed: set[str]) -> None:
         st = self._hy_state()
         attrs: dict[str, A.AttrValue | None] = {
-            A.KV_LAYER_KIND: "mixed", A.KV_PEER_ENGINE_ID: rec.peer_engine,
+            A.KV_LAYER_KIND: rec.kind, A.KV_LAYER: rec.layer, A.KV_PEER_ENGINE_ID: rec.peer_engine,
             A.KV_PEER_RANK: rec.peer_rank, A.KV_BACKEND: "UCX", A.KV_POLLS: rec.polls,
         }
         if rec.telemetry is not None:

@@ -16,7 +16,7 @@ unwritable database (or any other error) it drops the batch, counts the drop
 (:mod:`hybrid_pd.telemetry.counters`: exporter attributes, Prometheus, OTel metric, and
 a rate-limited log line), returns ``SpanExportResult.FAILURE`` and carries on with the
 next batch.  The worst case per batch is ``(max_retries + 1) * busy_timeout`` plus the
-back-off (about 3 s with the defaults).
+back-off (about 20 s with the defaults).
 
 The target is a SQLAlchemy URL, or a plain file path meaning SQLite.  PostgreSQL works
 by changing the URL (``postgresql+psycopg://user@host/db``, driver installed separately);
@@ -192,8 +192,11 @@ class SQLiteSpanExporter(SpanExporter):
         self,
         db: str | os.PathLike[str] | URL,
         *,
-        busy_timeout_ms: int = 1000,
-        max_retries: int = 2,
+        # Generous: P, D and the proxy share one file, and on a loaded 2-core box a
+        # writer holding the lock can be descheduled for seconds (1 s x 3 tries dropped
+        # batches in the e2e runs).  The wait is on the export thread, never on serving.
+        busy_timeout_ms: int = 5000,
+        max_retries: int = 3,
         retry_backoff_s: float = 0.05,
         engine: Engine | None = None,
     ) -> None:

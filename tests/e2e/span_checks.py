@@ -35,11 +35,13 @@ def _connector(row: sqlite3.Row) -> str | None:
 
 
 def request_traces(db: Path, connector: str, n: int, prefill_tp: int = 1,
-                   decode_tp: int = 1, tolerated_failures: int = 0) -> list[RequestTrace]:
+                   decode_tp: int = 1, tolerated_failures: int = 0,
+                   per_layer: tuple[int, ...] = ()) -> list[RequestTrace]:
     """The ``n`` request traces whose KV moved through ``connector``, oldest first, each
     checked to hold the proxy's spans, P's hold span (one per P rank) and D's transfer
     (one per D rank), mapping and READ spans (one per (D rank, P rank) read) under one
-    trace id and one request id."""
+    trace id and one request id.  Requests at the ``per_layer`` positions were read layer
+    by layer: one READ per cache layer, each naming its layer and kind."""
     transfers = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ? AND rank = 0 "
                                   "ORDER BY start_ns", A.SPAN_KV_TRANSFER)
                  if _connector(r) == connector]
@@ -50,7 +52,7 @@ def request_traces(db: Path, connector: str, n: int, prefill_tp: int = 1,
         f"{len(transfers)} {connector} transfer spans, expected {n}: "
         f"{[dict(r) for r in transfers]}")
     out = []
-    for t in transfers:
+    for pos, t in enumerate(transfers):
         assert t["role"] == "decode", dict(t)
         spans = _rows(db, "SELECT * FROM spans WHERE trace_id = ?", t["trace_id"])
         by_name: dict[str, list[sqlite3.Row]] = {}
@@ -77,12 +79,19 @@ def request_traces(db: Path, connector: str, n: int, prefill_tp: int = 1,
         assert all(s["parent_span_id"] == p_call["span_id"] for s in notifies)
         assert all(s["parent_span_id"] == d_call["span_id"] for s in by_name[A.SPAN_KV_TRANSFER])
         reads = by_name[A.SPAN_KV_READ]
-        assert len(reads) == max(prefill_tp, decode_tp), [dict(r) for r in reads]
+        if pos in per_layer:
+            layers = [(r["layer"], r["layer_kind"]) for r in reads]
+            assert len(set(layers)) == len(layers) and all(
+                lay is not None and kind in ("attention", "mamba") for lay, kind in layers), layers
+        else:
+            assert len(reads) == max(prefill_tp, decode_tp), [dict(r) for r in reads]
+            assert all(r["layer"] is None and r["layer_kind"] == "mixed" for r in reads)
         assert all(r["status"] != "ERROR" and r["bytes"] > 0 and r["end_ns"] >= r["start_ns"]
                    for r in reads), [dict(r) for r in reads]
         mapping = [s for s in by_name[A.SPAN_KV_DESC_BUILD]
                    if json.loads(s["attributes"])[A.KV_DESC_SCOPE] == "request"]
-        assert len(mapping) == len(reads), ([dict(s) for s in mapping], len(reads))
+        # one block-id -> descriptor-id mapping per (D rank, P rank) read
+        assert len(mapping) == max(prefill_tp, decode_tp), [dict(s) for s in mapping]
         out.append(RequestTrace(
             t["trace_id"], rid, sum(r["bytes"] for r in reads),
             sum(r["descriptors"] for r in reads), len(reads), frozenset(by_name)))

@@ -43,12 +43,14 @@ def _wait_metrics(c: httpx.Client, decode: str, before: NixlMetrics, transfers: 
 
 def run_pd(model: Path, tmp: Path, connector: str, prompts: list[list[int]],
            engine_args: tuple[str, ...] = (), telemetry_db: Path | None = None,
+           kv_extra: tuple[tuple[str, object], ...] = (),
            ) -> tuple[list[list[int]], list[NixlMetrics], str]:
     """Serve ``prompts`` one by one through P/D; tokens, per-request D metrics, D's log."""
     ports = pd_ports()
     cfg = launch.LaunchConfig(model=str(model), connector=connector,
                               engine_args=engine_args_for(str(model), engine_args),
-                              telemetry_db=str(telemetry_db) if telemetry_db else None)
+                              telemetry_db=str(telemetry_db) if telemetry_db else None,
+                              kv_extra=kv_extra)
     run_dir = tmp / f"pd-{connector}"
     tokens, per_request = [], []
     with launch.build_supervisor(cfg, run_dir, ports) as sup:
@@ -82,20 +84,24 @@ def test_hybrid_connector_matches_single_engine_and_reads_no_more(tiny_models, t
     ref = reference(model, tmp_path, prompts, ())
 
     db = tmp_path / "telemetry.db"
-    ours, ours_m, d_log = run_pd(model, tmp_path, "hybrid", prompts, telemetry_db=db)
+    # per-layer READs for every other request (0, 2, 4), one READ per request otherwise
+    ours, ours_m, d_log = run_pd(model, tmp_path, "hybrid", prompts, telemetry_db=db,
+                                 kv_extra=(("hybrid_read_granularity", "sampled:2"),))
     assert "hybrid connector: local layout" in d_log, d_log[-3000:]
     for n, g, r in zip(HYBRID_LENGTHS, ours, ref, strict=True):
         assert g == r, f"hybrid P/D differs from the single engine at {n} prompt tokens:\n{g}\n{r}"
     for n, m in zip(HYBRID_LENGTHS, ours_m, strict=True):
-        # vLLM's own NIXL metrics on D saw exactly one successful read per request
-        assert m.transfers == 1 and m.failed == 0, (n, m)
-        assert m.bytes > 0 and m.descriptors > 0, (n, m)
+        assert m.failed == 0 and m.bytes > 0 and m.descriptors > 0, (n, m)
 
     # one trace per request: proxy -> P (blocks held) -> D (transfer, mapping, READ);
     # the READ spans' NIXL bytes/descriptors are the ones vLLM's metrics counted
-    traces = span_checks.request_traces(db, "hybrid", len(prompts))
-    for n, m, tr in zip(HYBRID_LENGTHS, ours_m, traces, strict=True):
+    traces = span_checks.request_traces(db, "hybrid", len(prompts), per_layer=(0, 2, 4))
+    for i, (n, m, tr) in enumerate(zip(HYBRID_LENGTHS, ours_m, traces, strict=True)):
+        # vLLM's own NIXL metrics on D counted each READ handle we posted, and no more
+        assert m.transfers == tr.reads, (n, m, tr)
         assert tr.read_bytes == m.bytes and tr.read_descriptors == m.descriptors, (n, m, tr)
+        # per-layer: one READ per cache layer (2 attention + 3 Mamba in the tiny model)
+        assert tr.reads == (5 if i % 2 == 0 else 1), (n, tr)
     span_checks.assert_descriptor_builds(db, "hybrid")
 
     theirs, theirs_m, _ = run_pd(model, tmp_path, "upstream", prompts, telemetry_db=db)
