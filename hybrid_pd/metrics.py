@@ -19,6 +19,10 @@ _FIELDS = {
     "vllm:nixl_bytes_transferred": "bytes",
     "vllm:nixl_num_descriptors": "descriptors",
     "vllm:nixl_num_failed_transfers": "failed",
+    # P side: leases that expired before D's notification, and notifications that
+    # arrived after their lease expired (the blocks may have been reused meanwhile)
+    "vllm:nixl_num_kv_expired_reqs": "kv_expired",
+    "vllm:nixl_num_notifications_after_expiry": "notifs_after_expiry",
 }
 
 
@@ -30,6 +34,8 @@ class NixlMetrics:
     descriptors: float = 0.0
     failed: float = 0.0
     transfers: float = 0.0  # count of observed transfers (xfer-time histogram _count)
+    kv_expired: float = 0.0
+    notifs_after_expiry: float = 0.0
 
     def __sub__(self, other: NixlMetrics) -> NixlMetrics:
         return NixlMetrics(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
@@ -52,3 +58,24 @@ def scrape_nixl_metrics(client: httpx.Client, base_url: str) -> NixlMetrics:
     resp = client.get(base_url.rstrip("/") + "/metrics")
     resp.raise_for_status()
     return parse_nixl_metrics(resp.text)
+
+
+# Engine gauges that are all 0 when an engine holds no request and no KV block.
+IDLE_GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def parse_gauges(text: str, names: tuple[str, ...] = IDLE_GAUGES) -> dict[str, float]:
+    """Each metric in ``names`` summed over its label sets (0.0 when absent)."""
+    values = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in values:
+                values[sample.name] += sample.value
+    return values
+
+
+def scrape_gauges(client: httpx.Client, base_url: str,
+                  names: tuple[str, ...] = IDLE_GAUGES) -> dict[str, float]:
+    resp = client.get(base_url.rstrip("/") + "/metrics")
+    resp.raise_for_status()
+    return parse_gauges(resp.text, names)

@@ -31,7 +31,12 @@ never on the transfer's critical path.
 Stall timeout (``kv_connector_extra_config["hybrid_read_timeout_s"]``): a READ still
 ``PROC`` after that many seconds is released (NIXL aborts it) and reported through
 upstream's ``_handle_failed_transfer``, so vLLM's ``kv_load_failure_policy`` applies and
-the request's blocks are freed; P frees its side at lease expiry.
+the request's blocks are freed; P frees its side at lease expiry.  Known limit (measured,
+tests/e2e/test_faults.py): NIXL 1.5.1's release of an in-flight READ returns OK but does
+not cancel it over UCX/TCP -- a P that was frozen (SIGSTOP) and resumes still delivers the
+bytes into D blocks that may meanwhile belong to another request.  A dead P cannot; a
+frozen one for longer than the timeout (default 60 s) is what this trades for "nothing
+hangs".
 """
 
 from __future__ import annotations
