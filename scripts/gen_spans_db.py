@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Generate a large synthetic spans database and time the dashboard's timeline query.
+"""Generate a large synthetic spans database and time the dashboard's queries.
 
     python scripts/gen_spans_db.py /tmp/spans_1m.db --spans 1000000 --bench
+    python scripts/gen_spans_db.py /tmp/spans_1m.db --reuse --bench-queries
 
 Shapes follow a real ``hybrid-pd bench --granularity layer`` run (Nemotron-H-like, TP
 P=1 -> D=2): per request and D rank one ``kv.transfer`` span with a ``desc_build
 scope=request`` child, one ``kv.read`` per layer (attention/mamba interleaved, µs-ms
 durations, NIXL timings in the attributes), one ``kv.notify``; a handshake per D rank
-every 500 requests, and ~0.5 % failed transfers with a stall + abort.  The schema comes
-from ``hybrid_pd.telemetry.schema`` (the one MetaData); rows go in with Core executemany
-in one transaction per 50k rows.  ``--bench`` then times ``queries.request_timeline`` for
-random requests through a fresh *read-only* engine, as the dashboard runs it.
+every 500 requests, and ~0.5 % failed transfers with a stall + abort.  Every KV span
+carries ``hybrid_pd.connector``; with ``--upstream-every N`` every Nth request goes
+through ``upstream`` instead, shaped like upstream's connector inside vLLM (one READ per
+D rank for all layers, layer kind ``mixed``; synthetic descriptor and byte counts), so
+the Descriptors page has both connectors to compare.  The schema comes from
+``hybrid_pd.telemetry.schema`` (the one MetaData, all its indexes); rows go in with Core
+executemany in one transaction per 50k rows.  ``--bench`` then times
+``queries.request_timeline`` for random requests through a fresh *read-only* engine, as
+the dashboard runs it; ``--bench-queries`` times every query function each page calls,
+for the range "all" (the pages' default) and "last 1 min", and sums them per page.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +76,46 @@ def _row(rng: random.Random, trace: str, parent: str | None, name: str, start: i
     }
 
 
-def request_spans(rng: random.Random, i: int, t: int, fail_rate: float = 0.005) -> list[dict[str, Any]]:
+# Upstream's whole-request READ (per D rank): synthetic counts, more descriptors (one per
+# layer, block and region: no merging across Mamba's conv/SSM views) and padded bytes.
+UPSTREAM_DESCRIPTORS = 1_352
+UPSTREAM_BYTES = 4_300_000
+
+
+def request_spans(rng: random.Random, i: int, t: int, fail_rate: float = 0.005,
+                  connector: str = "hybrid") -> list[dict[str, Any]]:
     """All decode-side spans of request ``i`` starting at ``t`` ns (both D ranks)."""
     rid = f"cmpl-{i:08d}"
     out: list[dict[str, Any]] = []
     failed = rng.random() < fail_rate
+    upstream = connector == "upstream"
     for rank in range(D_RANKS):
         engine = f"decode-{rank}"
         trace = f"{rng.getrandbits(128):032x}"
         tid = f"{rng.getrandbits(64):016x}"
-        base = {A.REQUEST_ID: rid, A.KV_RANK: rank, A.KV_PEER_RANK: 0, A.KV_PEER_ENGINE_ID: "prefill-0"}
+        base = {A.REQUEST_ID: rid, A.KV_RANK: rank, A.KV_PEER_RANK: 0, A.KV_PEER_ENGINE_ID: "prefill-0",
+                A.CONNECTOR: connector}
         cursor = t + rng.randint(0, 200_000)
         out.append(_row(rng, trace, tid, A.SPAN_KV_DESC_BUILD, cursor, rng.randint(20_000, 60_000),
                         {**base, A.KV_DESC_SCOPE: "request", A.KV_VIEW: "all",
-                         A.KV_DESCRIPTORS: 800, A.KV_BYTES: 4_000_000}, engine))
+                         A.KV_DESCRIPTORS: UPSTREAM_DESCRIPTORS if upstream else 800,
+                         A.KV_BYTES: UPSTREAM_BYTES if upstream else 4_000_000}, engine))
         end = cursor
-        for layer in range(LAYERS):
+        if upstream:
+            start = cursor + 50_000
+            dur = int(rng.lognormvariate(15.2, 0.4))  # ~4 ms: all layers in one READ
+            bad = failed
+            out.append(_row(rng, trace, tid, A.SPAN_KV_READ, start, dur, {
+                **base, A.KV_LAYER_KIND: "mixed", A.KV_BYTES: UPSTREAM_BYTES,
+                A.KV_DESCRIPTORS: UPSTREAM_DESCRIPTORS, A.KV_BACKEND: "UCX",
+                A.KV_STATUS: "failed" if bad else "done",
+                A.KV_NIXL_POST_US: round(rng.uniform(200, 900), 1),
+                A.KV_NIXL_XFER_US: round(dur / 1e3 * rng.uniform(0.7, 0.98), 1),
+                A.KV_NIXL_DESC_COUNT: UPSTREAM_DESCRIPTORS,
+                A.KV_COMPLETION_LAG_NS: rng.randint(2_000, 300_000),
+            }, engine, "ERROR" if bad else "UNSET"))
+            end = start + dur
+        for layer in range(0 if upstream else LAYERS):
             kind = "attention" if layer % ATTN_EVERY == 3 else "mamba"
             nbytes = 77_824 if kind == "attention" else 67_840
             start = cursor + 50_000 + layer * rng.randint(20_000, 60_000)
@@ -111,8 +143,10 @@ def request_spans(rng: random.Random, i: int, t: int, fail_rate: float = 0.005) 
                             {**base, A.KV_STATUS: "done"}, engine))
         tr = _row(rng, trace, None, A.SPAN_KV_TRANSFER, cursor - 30_000, end - cursor + 100_000, {
             A.REQUEST_ID: rid, A.KV_RANK: rank, A.KV_TP_SIZE: D_RANKS, A.KV_PEER_ENGINE_ID: "prefill-0",
-            A.KV_BYTES: 4_000_000, A.KV_DESCRIPTORS: 800, A.KV_READS: LAYERS, A.KV_BACKEND: "UCX",
-            A.KV_STATUS: "failed" if failed else "done",
+            A.KV_BYTES: UPSTREAM_BYTES if upstream else 4_000_000,
+            A.KV_DESCRIPTORS: UPSTREAM_DESCRIPTORS if upstream else 800,
+            A.KV_READS: 1 if upstream else LAYERS, A.KV_BACKEND: "UCX",
+            A.KV_STATUS: "failed" if failed else "done", A.CONNECTOR: connector,
         }, engine, "ERROR" if failed else "UNSET")
         tr["span_id"] = tid
         out.append(tr)
@@ -128,8 +162,13 @@ def handshake_spans(rng: random.Random, t: int) -> list[dict[str, Any]]:
     ]
 
 
-def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.005) -> int:
-    """Write ~``n_spans`` spans to a fresh SQLite file at ``path``; returns the row count."""
+def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.005,
+             upstream_every: int = 0) -> int:
+    """Write ~``n_spans`` spans to a fresh SQLite file at ``path``; returns the row count.
+
+    ``upstream_every`` > 0: request ``i`` goes through ``upstream`` when
+    ``i % upstream_every == upstream_every - 1`` (the others through ``hybrid``).
+    """
     rng = random.Random(seed)
     path.unlink(missing_ok=True)
     engine = create_engine(f"sqlite:///{path}")
@@ -145,7 +184,8 @@ def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.00
             if i % 500 == 0:
                 batch += handshake_spans(rng, t)
                 t += 200_000_000
-            batch += request_spans(rng, i, t, fail_rate)
+            up = upstream_every > 0 and i % upstream_every == upstream_every - 1
+            batch += request_spans(rng, i, t, fail_rate, "upstream" if up else "hybrid")
             t += rng.randint(2_000_000, 40_000_000)  # 25-500 requests/s
             i += 1
         with engine.begin() as conn:
@@ -173,16 +213,92 @@ def bench(path: Path, samples: int = 20, seed: int = 7) -> dict[str, float]:
             "median_ms": statistics.median(times), "max_ms": max(times), "first_ms": times[0]}
 
 
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first call, median of ``repeats`` calls) in ms."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times[0], statistics.median(times)
+
+
+# Page -> the query functions it calls (through common.py's caches), in page order.
+PAGE_QUERIES: dict[str, tuple[str, ...]] = {
+    "Overview": ("check_db", "time_bounds", "transfer_stats(total)", "failure_counts",
+                 "transfer_buckets", "transfer_stats(per rank)", "read_stats"),
+    "Request timeline": ("check_db", "request_list(latest)", "request_timeline"),
+    "Layers": ("check_db", "time_bounds", "reads"),
+    "Descriptors": ("check_db", "time_bounds", "desc_build_stats", "connectors", "connector_reads"),
+    "Failures": ("check_db", "time_bounds", "failure_counts", "failures"),
+}
+
+
+def bench_queries(path: Path, repeats: int = 5) -> list[tuple[str, str, float, float, int]]:
+    """Time every query function the pages call on ``path`` (read-only engine).
+
+    Returns (range, function, first ms, median ms, rows) for the ranges "all" and
+    "last 1 min"; rows is the length of the result (a dict's: its number of keys).
+    """
+    from hybrid_pd.dashboard import queries
+
+    engine = queries.open_engine(str(path))
+    lo, hi = queries.time_bounds(engine)
+    assert lo is not None and hi is not None, f"{path} has no spans"
+    rid = queries.request_list(engine, "latest", limit=1)["request_id"].iloc[0]
+    out = []
+    for label, (s, e) in {"all": (None, None), "last 1 min": (max(lo, hi - 60 * 10**9), hi)}.items():
+        calls: dict[str, Callable[[], Any]] = {
+            "check_db": lambda: queries.check_db(str(path), engine),
+            "time_bounds": lambda: queries.time_bounds(engine),
+            "transfer_stats(total)": lambda s=s, e=e: queries.transfer_stats(engine, s, e, ()),
+            "transfer_stats(per rank)": lambda s=s, e=e: queries.transfer_stats(engine, s, e),
+            "transfer_buckets": lambda s=s, e=e: queries.transfer_buckets(
+                engine, lo if s is None else s, hi if e is None else e),
+            "failure_counts": lambda s=s, e=e: queries.failure_counts(engine, s, e),
+            "failures": lambda s=s, e=e: queries.failures(engine, s, e),
+            "read_stats": lambda s=s, e=e: queries.read_stats(engine, s, e),
+            "reads": lambda s=s, e=e: queries.reads(engine, s, e),
+            "desc_build_stats": lambda s=s, e=e: queries.desc_build_stats(engine, s, e),
+            "connectors": lambda s=s, e=e: queries.connectors(engine, s, e),
+            "connector_reads": lambda s=s, e=e: queries.connector_reads(engine, s, e),
+            "request_list(latest)": lambda: queries.request_list(engine, "latest"),
+            "request_timeline": lambda: queries.request_timeline(engine, rid),
+        }
+        for name, fn in calls.items():
+            first, med = _timed(fn, repeats)
+            res = fn()
+            rows = len(res) if hasattr(res, "__len__") else 1
+            out.append((label, name, first, med, rows))
+    engine.dispose()
+    return out
+
+
+def print_bench_queries(results: list[tuple[str, str, float, float, int]]) -> None:
+    print(f"{'range':<11} {'query':<26} {'first ms':>9} {'median ms':>10} {'rows':>7}")
+    for label, name, first, med, rows in results:
+        print(f"{label:<11} {name:<26} {first:>9.1f} {med:>10.1f} {rows:>7}")
+    med = {(label, name): m for label, name, _, m, _ in results}
+    for label in dict.fromkeys(r[0] for r in results):
+        for page, names in PAGE_QUERIES.items():
+            total = sum(med[(label, n)] for n in names)
+            print(f"page {page:<17} range {label:<11} queries total (sum of medians) {total:7.1f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("db", type=Path)
     ap.add_argument("--spans", type=int, default=1_000_000)
     ap.add_argument("--bench", action="store_true", help="time one request's timeline query")
+    ap.add_argument("--bench-queries", action="store_true",
+                    help="time every query function the dashboard pages call")
+    ap.add_argument("--upstream-every", type=int, default=0, metavar="N",
+                    help="every Nth request through the upstream connector (0: none)")
     ap.add_argument("--reuse", action="store_true", help="skip generation when the file exists")
     args = ap.parse_args()
     if not (args.reuse and args.db.exists()):
         t0 = time.perf_counter()
-        n = generate(args.db, args.spans)
+        n = generate(args.db, args.spans, upstream_every=args.upstream_every)
         print(f"wrote {n:,} spans to {args.db} in {time.perf_counter() - t0:.1f} s "
               f"({args.db.stat().st_size / 1e6:.0f} MB)")
     if args.bench:
@@ -190,6 +306,8 @@ def main() -> int:
         print(f"request_timeline over {int(r['requests']):,} requests, {int(r['samples'])} samples, "
               f"{int(r['rows_per_request'])} spans each: median {r['median_ms']:.1f} ms, "
               f"max {r['max_ms']:.1f} ms, first (cold) {r['first_ms']:.1f} ms")
+    if args.bench_queries:
+        print_bench_queries(bench_queries(args.db))
     return 0
 
 

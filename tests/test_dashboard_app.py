@@ -112,6 +112,51 @@ def test_descriptors(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> N
     m = metrics(at)
     assert int(m["builds"]) > 0 and m["connectors"] == "hybrid", m
     assert len(charts(at)) == 1
+    # a bench run has only our connector: the comparison says so instead of a chart
+    assert any("Only the `hybrid` connector ran" in i.value and "--connector upstream" in i.value
+               for i in at.info), [i.value for i in at.info]
+
+
+def test_descriptors_ours_vs_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.test_dashboard_queries import write_connector_db
+
+    at = open_page(monkeypatch, write_connector_db(tmp_path / "both.db"), "descriptors")
+    m = metrics(at)
+    # builds: hybrid 2 local + 1 remote + 3 mapping, upstream 1 + 1 + 2 = 10; descriptors
+    # 200 + 100 + 30 + 300 + 300 + 80 = 1,010 (see write_connector_db)
+    assert m == {"builds": "10", "descriptors": "1,010", "connectors": "hybrid, upstream"}, m
+    specs = charts(at)
+    assert len(specs) == 2, len(specs)  # builds per scope, then ours vs upstream
+    cmp = specs[1]
+    assert cmp["layout"]["yaxis"]["title"]["text"] == figures.COMPARISON_METRICS["descriptors_per_read"]
+    assert cmp["layout"]["yaxis2"]["title"]["text"] == figures.COMPARISON_METRICS["bytes_per_read"]
+    assert cmp["layout"]["barmode"] == "group"
+    assert {tr["name"] for tr in cmp["data"]} == {"hybrid", "upstream"}
+    assert len(at.dataframe) == 2  # builds per scope, medians (AppTest keeps no dataframe keys)
+    medians = at.dataframe[1].value.set_index("connector")
+    assert medians.loc["hybrid", "descriptors / READ"] == 1.8  # 9 descriptors / 5 READs
+    assert medians.loc["upstream", "descriptors / READ"] == 40
+    assert medians.loc["hybrid", "bytes / READ (B)"] == 180 and medians.loc["upstream", "bytes / READ (B)"] == 1000
+    assert medians["requests"].to_dict() == {"hybrid": 3, "upstream": 2}
+    assert not at.info, [i.value for i in at.info]
+
+
+def test_descriptors_one_connector_in_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Both connectors in the database but only upstream's spans in the newest minute."""
+    from tests.test_dashboard_queries import T0, UPSTREAM_T0, write_connector_db
+
+    db = write_connector_db(tmp_path / "both.db")
+    monkeypatch.setenv(ENV_DB, str(db))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/descriptors.py")
+    at.run()
+    at.selectbox(key="time_range").set_value("last 1 min").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert metrics(at)["connectors"] == "upstream"
+    assert any("Only the `upstream` connector ran" in i.value for i in at.info)
+    assert len(charts(at)) == 1
+    assert UPSTREAM_T0 - T0 > 60 * 10**9  # hybrid's spans are older than the last minute
 
 
 def test_failures_none(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
@@ -128,6 +173,61 @@ def test_failures_synthetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     m = metrics(at)
     assert int(m["aborts"]) > 0 and int(m["stalls"]) == int(m["aborts"]), m
     assert len(at.dataframe) == 1
+    # the counts are over the whole range, the table lists every failure (< the cap)
+    table = at.dataframe[0].value
+    assert len(table) == int(m["failed spans"]) + int(m["stalls"]), (len(table), m)
+
+
+def test_failures_by_hand(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.test_dashboard_queries import write_connector_db
+
+    at = open_page(monkeypatch, write_connector_db(tmp_path / "both.db"), "failures")
+    # upstream r1: READ, transfer and abort ERROR, one stall
+    assert metrics(at) == {"failed spans": "3", "stalls": "1", "aborts": "1"}
+    (table,) = (d.value for d in at.dataframe)
+    assert set(table["request_id"]) == {"r1"} and len(table) == 4
+
+
+def test_overview_by_hand(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.test_dashboard_queries import write_connector_db
+
+    at = open_page(monkeypatch, write_connector_db(tmp_path / "both.db"), "overview")
+    m = metrics(at)
+    # transfers of 1..5 ms: nearest-rank p50 = 3rd = 3 ms, p90 = p99 = 5th = 5 ms
+    assert (m["transfers"], m["latency p50"], m["latency p90"], m["latency p99"]) == (
+        "5", "3.00 ms", "5.00 ms", "5.00 ms"), m
+    assert m["bytes moved"] == "4.70 kB" and m["failed / stalled / aborted"] == "1 / 1 / 1", m
+    per = at.dataframe[0].value.set_index("engine_id")  # per engine and D rank
+    assert per["transfers"].to_dict() == {"decode-h": 3, "decode-u": 2}
+    assert per.loc["decode-u", "p99_ms"] == 5 and per.loc["decode-h", "p50_ms"] == 2
+    latency, wire = charts(at)
+    # one bucket per engine with transfers: hybrid's at T0, upstream's 2 min later
+    assert latency["layout"]["yaxis"]["title"]["text"] == figures.LATENCY_AXIS_TITLE
+    traces = {tr["name"]: tr for tr in latency["data"]}
+    assert set(traces) == {"decode-h rank 0 p50", "decode-u rank 0 p50",
+                           "decode-h rank 0 slowest", "decode-u rank 0 slowest"}
+    assert all(len(tr["x"]) == 1 for tr in traces.values())
+    # the slowest dot names its request: r2 (3 ms) on decode-h, r1 (5 ms) on decode-u
+    assert traces["decode-h rank 0 slowest"]["customdata"][0][0] == "r2"
+    assert traces["decode-u rank 0 slowest"]["customdata"][0][0] == "r1"
+    assert wire["layout"]["yaxis"]["title"]["text"].startswith("MB transferred per ")
+
+
+def test_older_database_works_and_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A file made before the dashboard's indexes: same numbers, a note naming them."""
+    from tests.test_dashboard_queries import without_dashboard_indexes, write_connector_db
+
+    new = write_connector_db(tmp_path / "new.db")
+    old = without_dashboard_indexes(new, tmp_path / "old.db")
+    for page in ("overview", "failures", "descriptors"):
+        at_old = open_page(monkeypatch, old, page)
+        notes = [w.value for w in at_old.sidebar.warning]
+        assert any("ix_spans_transfer_cover" in n and "never writes" in n for n in notes), notes
+        sql = [c.value for c in at_old.sidebar.code]
+        assert any("CREATE INDEX IF NOT EXISTS ix_spans_error_start_ns" in c for c in sql), sql
+        at_new = open_page(monkeypatch, new, page)
+        assert not at_new.sidebar.warning
+        assert metrics(at_old) == metrics(at_new), page
 
 
 # ------------------------------------------------------------------ missing / empty / newer

@@ -71,6 +71,49 @@ def failures(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def failure_counts(db: str, start_ns: int | None, end_ns: int | None) -> dict[str, int]:
+    return queries.failure_counts(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner="Aggregating transfers…")
+def transfer_stats(db: str, start_ns: int | None, end_ns: int | None,
+                   by: tuple[str, ...] = ("engine_id", "rank")) -> pd.DataFrame:
+    return queries.transfer_stats(get_engine(db), start_ns, end_ns, by)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def transfer_buckets(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    """Time buckets over the range; "all" is bucketed between the first and last span."""
+    if start_ns is None or end_ns is None:
+        lo, hi = time_bounds(db)
+        start_ns = lo if start_ns is None else start_ns
+        end_ns = hi if end_ns is None else end_ns
+    if start_ns is None or end_ns is None:
+        return queries.transfer_buckets(get_engine(db), 0, -1)  # no spans: no rows
+    return queries.transfer_buckets(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def read_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.read_stats(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def desc_build_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.desc_build_stats(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def connectors(db: str, start_ns: int | None, end_ns: int | None) -> list[str]:
+    return queries.connectors(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner="Comparing connectors…")
+def connector_reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+    return queries.connector_reads(get_engine(db), start_ns, end_ns)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def request_list(db: str, order: queries.RequestOrder) -> pd.DataFrame:
     return queries.request_list(get_engine(db), order)
 
@@ -97,7 +140,22 @@ def require_db() -> str:
     if not status.ok:
         (st.info if status.state in ("missing", "empty") else st.error)(status.message)
         st.stop()
+    if status.missing_indexes:
+        missing_indexes_note(status.missing_indexes)
     return db
+
+
+def missing_indexes_note(names: tuple[str, ...]) -> None:
+    """Sidebar note for a database made before the dashboard's newer indexes existed."""
+    st.sidebar.warning(
+        f"This database lacks {len(names)} index(es) made for the dashboard "
+        f"({', '.join(f'`{n}`' for n in names)}): every page works, whole-range pages are "
+        "slower on large databases. Any hybrid-pd writer adds them when it opens the file "
+        "(a `bench` or `serve` run with `--telemetry-db` on it), or run the SQL below once "
+        "(the dashboard itself never writes)."
+    )
+    with st.sidebar.expander("SQL to add the indexes"):
+        st.code(queries.create_index_sql(names), language="sql")
 
 
 def sidebar_window(db: str) -> tuple[int | None, int | None]:

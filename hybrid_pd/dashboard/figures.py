@@ -10,6 +10,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from hybrid_pd.dashboard.queries import fmt_width
 from hybrid_pd.telemetry import attributes as A
 
 # Category -> colour.  Layer kinds first (the READ rows), then the other span kinds.
@@ -26,6 +27,8 @@ COLOURS: dict[str, str] = {
     "failure": "#d62728",
 }
 LAYER_KINDS: tuple[str, ...] = ("attention", "mamba", "mixed")
+# Connector -> colour: ours and upstream's keep their colour on every chart.
+CONNECTOR_COLOURS: dict[str, str] = {"hybrid": "#2ca02c", "upstream": "#7f7f7f"}
 # Row order on the Gantt, top to bottom: the request's life in causal order.
 _CATEGORY_ORDER: tuple[str, ...] = (
     "proxy", "engine", "handshake", "descriptors", "transfer", *LAYER_KINDS, "notify", "failure",
@@ -164,23 +167,54 @@ def timeline_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
     return fig
 
 
-def latency_scatter(tr: pd.DataFrame) -> go.Figure:
-    """Transfers over time: one dot per transfer span, y = duration."""
-    df = tr.assign(where=[f"{e} rank {_int(r)}" for e, r in zip(tr["engine_id"], tr["rank"], strict=True)])
-    fig = px.scatter(df, x="start", y="duration_ms", color="where",
-                     hover_data=["request_id", "bytes", "status"],
-                     labels={"start": "transfer start (UTC)", "duration_ms": "transfer latency (ms)",
-                             "where": "engine / D rank"})
-    fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+def _width_text(buckets: pd.DataFrame) -> str:
+    """The bucket width of a ``transfer_buckets`` frame as text (``2 s``)."""
+    return fmt_width(int(buckets["width_ns"].iloc[0])) if not buckets.empty else "–"
+
+
+def _where(df: pd.DataFrame) -> list[str]:
+    return [f"{e} rank {_int(r)}" for e, r in zip(df["engine_id"], df["rank"], strict=True)]
+
+
+LATENCY_AXIS_TITLE = "transfer latency (ms)"
+
+
+def latency_over_time(buckets: pd.DataFrame) -> go.Figure:
+    """Transfer latency per time bucket and engine / D rank: the median as a line, the
+    slowest transfer as a dot whose hover names its request (buckets from
+    ``queries.transfer_buckets``, aggregated in SQL)."""
+    width = _width_text(buckets)
+    df = buckets.assign(where=_where(buckets))
+    fig = px.line(df, x="start", y="p50_ms", color="where", markers=True,
+                  hover_data={"transfers": True, "failed": True},
+                  labels={"start": f"bucket start (UTC, {width} buckets)",
+                          "p50_ms": LATENCY_AXIS_TITLE, "where": "engine / D rank"})
+    fig.for_each_trace(lambda t: t.update(name=f"{t.name} p50"))
+    slow = px.scatter(df, x="start", y="max_ms", color="where", symbol_sequence=["x"],
+                      custom_data=["slowest_request", "transfers"])
+    for tr in slow.data:
+        tr.update(name=f"{tr.name} slowest", legendgroup=tr.name, showlegend=True,
+                  hovertemplate="slowest transfer %{y:,.2f} ms<br>request %{customdata[0]}"
+                  "<br>of %{customdata[1]} transfers<extra></extra>")
+        fig.add_trace(tr)
+    fig.update_yaxes(title_text=LATENCY_AXIS_TITLE)
+    # Legend above the plot: in a half-width column a side legend squeezes the time axis.
+    fig.update_layout(height=420, margin={"l": 10, "r": 10, "t": 30, "b": 40},
+                      legend={"title_text": "", "orientation": "h", "yanchor": "bottom",
+                              "y": 1.02, "x": 0})
     return fig
 
 
-def throughput_bars(tr: pd.DataFrame, freq: str = "1s") -> go.Figure:
-    """Bytes moved per time bucket (by transfer start) -- the wire load over time."""
-    s = tr.set_index("start")["bytes"].astype(float).resample(freq).sum() / 1e6
-    fig = px.bar(s.reset_index(), x="start", y="bytes",
-                 labels={"start": "time (UTC)", "bytes": f"MB transferred per {freq}"})
-    fig.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+def throughput_bars(buckets: pd.DataFrame) -> go.Figure:
+    """Bytes moved per time bucket (by transfer start), stacked per engine / D rank."""
+    width = _width_text(buckets)
+    df = buckets.assign(where=_where(buckets), mb=buckets["bytes"].astype(float) / 1e6)
+    fig = px.bar(df, x="start", y="mb", color="where",
+                 labels={"start": "time (UTC)", "mb": f"MB transferred per {width}",
+                         "where": "engine / D rank"})
+    fig.update_layout(height=420, margin={"l": 10, "r": 10, "t": 30, "b": 40},
+                      legend={"title_text": "", "orientation": "h", "yanchor": "bottom",
+                              "y": 1.02, "x": 0})
     return fig
 
 
@@ -213,9 +247,44 @@ def layer_heatmap(rd: pd.DataFrame) -> go.Figure:
 
 
 def descriptor_bars(db: pd.DataFrame) -> go.Figure:
+    """Descriptors built per scope and connector (spans, or ``desc_build_stats`` rows)."""
     g = db.groupby([A.KV_DESC_SCOPE, A.CONNECTOR], as_index=False)["descriptors"].sum()
     fig = px.bar(g, x=A.KV_DESC_SCOPE, y="descriptors", color=A.CONNECTOR, barmode="group",
+                 color_discrete_map=CONNECTOR_COLOURS,
                  labels={A.KV_DESC_SCOPE: "build scope", "descriptors": "descriptors built (count)",
                          A.CONNECTOR: "connector"})
     fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 40})
+    return fig
+
+
+# Per-READ metrics of the ours-vs-upstream chart -> axis title with its unit.
+COMPARISON_METRICS: dict[str, str] = {
+    "descriptors_per_read": "descriptors per READ (count)",
+    "bytes_per_read": "bytes per READ (B)",
+}
+
+
+def connector_comparison(per_kind: pd.DataFrame) -> go.Figure:
+    """Ours vs upstream: descriptors and bytes per READ, grouped bars per layer kind and
+    connector, one panel per metric with its own y axis (``queries.comparison_per_kind``)."""
+    long = per_kind.melt(id_vars=["connector", "layer_kind", "reads"],
+                         value_vars=list(COMPARISON_METRICS), var_name="metric")
+    long["metric"] = long["metric"].map(COMPARISON_METRICS)
+    kinds = [k for k in (*LAYER_KINDS, "all") if k in set(long["layer_kind"])]
+    kinds += sorted(set(long["layer_kind"]) - set(kinds))
+    # Values printed on the bars: one connector's can be 100x the other's, and a bar
+    # of 1 % of the axis still has to be read.
+    fig = px.bar(long, x="layer_kind", y="value", color="connector", barmode="group",
+                 facet_col="metric", facet_col_spacing=0.12, text_auto=".3~s",
+                 color_discrete_map=CONNECTOR_COLOURS,
+                 category_orders={"metric": list(COMPARISON_METRICS.values()), "layer_kind": kinds},
+                 hover_data={"reads": True},
+                 labels={"layer_kind": "READ layer kind", "connector": "connector",
+                         "reads": "READs"})
+    fig.update_yaxes(matches=None, showticklabels=True)
+    for col, title in enumerate(COMPARISON_METRICS.values(), start=1):
+        fig.update_yaxes(title_text=title, row=1, col=col)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    fig.update_traces(textposition="outside", cliponaxis=False)
+    fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig

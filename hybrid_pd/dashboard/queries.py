@@ -12,6 +12,16 @@ Each query is shaped for one of the schema's named indexes (see ``telemetry/sche
 * one request's timeline  -> ``ix_spans_request_id_start_ns`` + ``ix_spans_trace_id``
 * a span kind in a window -> ``ix_spans_name_start_ns``
 * bounds / recent window  -> ``ix_spans_start_ns``
+* transfer aggregates     -> ``ix_spans_transfer_cover`` (partial, covering: no row read)
+* failures                -> ``ix_spans_error_start_ns`` (partial: the ERROR spans only)
+* ours vs upstream        -> ``ix_spans_name_connector_start_ns`` (connector from the JSON)
+
+The whole-range pages (Overview, Failures, Descriptors) aggregate in SQL and fetch a few
+rows, not one row per span: at 10^6 spans, pulling 2*10^4 rows through SQLAlchemy and
+pandas cost more than the SQL itself.  Percentiles are computed in SQL too, with window
+functions, as *nearest-rank* percentiles (the ceil(p/100 * n)-th smallest value; p50 of
+[1, 2, 3, 4] is 2), so they are always a value that occurred.  A database made before the
+newer indexes existed gives the same answers, slower (:attr:`DbStatus.missing_indexes`).
 """
 
 from __future__ import annotations
@@ -25,23 +35,34 @@ from urllib.parse import quote
 
 import pandas as pd
 from sqlalchemy import (
+    ColumnElement,
     Engine,
-    and_,
+    Select,
+    Subquery,
     case,
     create_engine,
     event,
     func,
     inspect,
-    or_,
+    literal,
     select,
     union_all,
 )
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.selectable import CompoundSelect
 
 from hybrid_pd.telemetry import attributes as A
-from hybrid_pd.telemetry.schema import SCHEMA_VERSION, schema_version_table, spans_table
+from hybrid_pd.telemetry.schema import (
+    CONNECTOR_EXPR,
+    DASHBOARD_INDEXES,
+    SCHEMA_VERSION,
+    schema_version_table,
+    span_attr,
+    spans_table,
+)
 
 ENV_DB = "HYBRID_PD_TELEMETRY_DB"
 
@@ -64,11 +85,25 @@ _SPAN_COLS = (
     _S.peer_rank, _S.attributes,
 )
 _COL_NAMES = [c.name for c in _SPAN_COLS]
+# Window loads take the attributes they show out of the JSON in SQL (json_extract), not
+# the whole JSON text into Python: at 2*10^4 rows json.loads was a third of a page load.
+_WINDOW_COLS = tuple(c for c in _SPAN_COLS if c.name != "attributes")
 
 # The biggest window a page loads at once; above it the page says the result was cut.
 DEFAULT_MAX_ROWS = 200_000
 # READ spans are ~90 % of a per-layer database; pages load the newest this many.
 READS_MAX_ROWS = 20_000
+# The Failures table shows the newest this many (its counts cover the whole range).
+FAILURES_MAX_ROWS = 1_000
+# Ours vs upstream: per connector, the requests of the newest this many READ spans (at
+# most COMPARE_MAX_REQUESTS of them, newest first) are compared; every READ and mapping
+# span of those requests is then counted.
+COMPARE_MAX_READS = 5_000
+COMPARE_MAX_REQUESTS = 200
+# Time buckets on the Overview charts: at most this many per range.
+MAX_BUCKETS = 120
+# Spans from before the ``hybrid_pd.connector`` attribute existed were all ours.
+LEGACY_CONNECTOR = "hybrid"
 
 
 # ----------------------------------------------------------------------- engine + state
@@ -138,6 +173,8 @@ class DbStatus:
     message: str
     schema_version: int | None = None
     span_count: int = 0
+    # Dashboard indexes the file lacks (made before they existed): same answers, slower.
+    missing_indexes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -169,11 +206,36 @@ def check_db(db: str, engine: Engine | None = None) -> DbStatus:
         with engine.connect() as conn:
             # max(id) is the rowid alias: O(1), unlike count(*) on a 10^6-row table.
             count = conn.execute(select(func.max(_S.id))).scalar() or 0
+        missing = missing_indexes(engine)
     except SQLAlchemyError as exc:
         return DbStatus("error", f"Cannot read the database: {exc.__class__.__name__}: {exc}")
     if count == 0:
         return DbStatus("empty", f"The database has no spans yet.\n\n{PRODUCE_SPANS_HINT}", version)
-    return DbStatus("ok", f"{count:,} spans", version, int(count))
+    return DbStatus("ok", f"{count:,} spans", version, int(count), missing)
+
+
+def missing_indexes(engine: Engine) -> tuple[str, ...]:
+    """The :data:`~hybrid_pd.telemetry.schema.DASHBOARD_INDEXES` a SQLite file lacks.
+
+    Read from ``sqlite_master`` (SQLAlchemy's index reflection skips expression indexes).
+    Other backends report none: their schema is created whole by the exporter.
+    """
+    if engine.dialect.name != "sqlite":
+        return ()
+    with engine.connect() as conn:
+        have = set(conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'spans'"
+        ).scalars())
+    return tuple(n for n in DASHBOARD_INDEXES if n not in have)
+
+
+def create_index_sql(names: tuple[str, ...]) -> str:
+    """The SQLite DDL that adds the named ``spans`` indexes (for the operator to run)."""
+    by_name = {ix.name: ix for ix in spans_table.indexes}
+    return "\n".join(
+        f"{CreateIndex(by_name[n], if_not_exists=True).compile(dialect=sqlite_dialect.dialect())};"
+        for n in names
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -184,6 +246,44 @@ def _frame(engine: Engine, stmt: Any) -> pd.DataFrame:
         result = conn.execute(stmt)
         df = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
     return df
+
+
+def _const(value: str) -> ColumnElement[Any]:
+    """``value`` rendered into the SQL text, not bound: SQLite picks a partial index only
+    when the query states its predicate (``name = 'hybrid_pd.kv.transfer'``)."""
+    return literal(value, literal_execute=True)
+
+
+def _window(start_ns: int | None, end_ns: int | None) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
+    if start_ns is not None:
+        conds.append(_S.start_ns >= start_ns)
+    if end_ns is not None:
+        conds.append(_S.start_ns <= end_ns)
+    return conds
+
+
+def _ranked(base: Subquery, keys: tuple[str, ...], values: tuple[str, ...]) -> Subquery:
+    """``base`` plus, per column ``v`` of ``values``, ``_rn_v`` (v's rank in its group,
+    smallest first, NULLs last) and ``_n_v`` (the group's non-NULL count of v)."""
+    part = [base.c[k] for k in keys] or None
+    cols: list[Any] = [base]
+    for v in values:
+        cols.append(func.row_number().over(partition_by=part,
+                                           order_by=base.c[v].asc().nulls_last()).label(f"_rn_{v}"))
+        cols.append(func.count(base.c[v]).over(partition_by=part).label(f"_n_{v}"))
+    return select(*cols).subquery()
+
+
+def _pct(r: Subquery, value: str, p: int) -> ColumnElement[Any]:
+    """Nearest-rank percentile ``p`` (integer percent) of ``value`` per group of ``r``:
+    the ceil(p * n / 100)-th smallest, i.e. (p * n + 99) // 100 in integers."""
+    rank = (r.c[f"_n_{value}"] * p + 99) // 100
+    return func.max(case((r.c[f"_rn_{value}"] == rank, r.c[value])))
+
+
+def _attr_cols(keys: tuple[str, ...]) -> list[ColumnElement[Any]]:
+    return [span_attr(k).label(k) for k in keys]
 
 
 def parse_attributes(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
@@ -233,83 +333,414 @@ def spans_by_name(
     start_ns: int | None = None,
     end_ns: int | None = None,
     limit: int = DEFAULT_MAX_ROWS,
+    attrs: tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    """Spans of the given names started in [start_ns, end_ns], newest first, at most ``limit``."""
-    conds = [_S.name.in_(names)]
-    if start_ns is not None:
-        conds.append(_S.start_ns >= start_ns)
-    if end_ns is not None:
-        conds.append(_S.start_ns <= end_ns)
-    stmt = select(*_SPAN_COLS).where(and_(*conds)).order_by(_S.start_ns.desc()).limit(limit)
+    """Spans of the given names started in [start_ns, end_ns], newest first, at most ``limit``.
+
+    ``attrs`` are attribute keys copied out of the JSON into columns of the same name (in
+    SQL); the raw ``attributes`` text is not loaded.
+    """
+    stmt = (
+        select(*_WINDOW_COLS, *_attr_cols(attrs))
+        .where(_S.name.in_(names), *_window(start_ns, end_ns))
+        .order_by(_S.start_ns.desc())
+        .limit(limit)
+    )
     return add_derived(_frame(engine, stmt))
 
 
 def transfers(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
               limit: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
     """Decode-side transfer spans (one per request and D rank) with outcome and reads."""
-    df = spans_by_name(engine, (A.SPAN_KV_TRANSFER,), start_ns, end_ns, limit)
-    return parse_attributes(df, (A.KV_STATUS, A.KV_READS, A.KV_PEER_ENGINE_ID, A.CONNECTOR))
+    return spans_by_name(engine, (A.SPAN_KV_TRANSFER,), start_ns, end_ns, limit,
+                         (A.KV_STATUS, A.KV_READS, A.KV_PEER_ENGINE_ID, A.CONNECTOR))
 
 
 def reads(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
           limit: int = READS_MAX_ROWS) -> pd.DataFrame:
     """READ spans (per layer with ``--granularity layer``) with NIXL's own timings."""
-    df = spans_by_name(engine, (A.SPAN_KV_READ,), start_ns, end_ns, limit)
-    return parse_attributes(df, (A.KV_STATUS, A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US))
+    return spans_by_name(engine, (A.SPAN_KV_READ,), start_ns, end_ns, limit,
+                         (A.KV_STATUS, A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US))
 
 
 def desc_builds(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
                 limit: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
-    df = spans_by_name(engine, (A.SPAN_KV_DESC_BUILD,), start_ns, end_ns, limit)
-    df = parse_attributes(df, (A.KV_DESC_SCOPE, A.KV_VIEW, A.CONNECTOR))
+    df = spans_by_name(engine, (A.SPAN_KV_DESC_BUILD,), start_ns, end_ns, limit,
+                       (A.KV_DESC_SCOPE, A.KV_VIEW, A.CONNECTOR))
     if not df.empty:
-        # Spans from before the connector attribute existed were all ours.
-        df[A.CONNECTOR] = df[A.CONNECTOR].fillna("hybrid")
+        df[A.CONNECTOR] = df[A.CONNECTOR].fillna(LEGACY_CONNECTOR)
     return df
 
 
-# Span kinds whose failures are looked up by name (few rows per request); failed READs
-# are then found through their failed transfer's trace rather than by scanning all READs.
-_FAILURE_PARENTS: tuple[str, ...] = (
-    A.SPAN_KV_TRANSFER, A.SPAN_KV_HANDSHAKE, A.SPAN_KV_NOTIFY, A.SPAN_KV_DESC_BUILD,
-    A.SPAN_PROXY_REQUEST, A.SPAN_PROXY_PREFILL, A.SPAN_PROXY_DECODE,
-    A.SPAN_ENGINE_PREFILL, A.SPAN_ENGINE_DECODE,
-)
+FAILURE_ATTRS: tuple[str, ...] = (A.KV_STATUS, A.KV_FAILURE_REASON, A.KV_WAITED_MS)
 
 
 def failures(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-             limit: int = 10_000) -> pd.DataFrame:
-    """Failed (status ERROR), stalled and aborted spans, newest first.
+             limit: int = FAILURES_MAX_ROWS) -> pd.DataFrame:
+    """Failed (status ERROR), stalled and aborted spans, newest first, at most ``limit``.
 
-    ``status`` has no index (and should not: one in 200 spans fails), so the lookup goes
-    by name: stalls/aborts and failed per-request spans via ``ix_spans_name_start_ns``,
-    then the ERROR spans of those failed spans' traces (failed READs) via
-    ``ix_spans_trace_id``.  A bare ``WHERE status = 'ERROR'`` scanned 10^6 rows (12 s).
+    Two index lookups: every ERROR span through the partial ``ix_spans_error_start_ns``
+    (it holds only failed spans, so a whole-database range reads a few hundred entries
+    of 10^6), and the stall/abort spans through ``ix_spans_name_start_ns``.  Without the
+    partial index (a database made before it) the first one scans the table, ~1 s per
+    10^6 spans.
     """
-    window = []
-    if start_ns is not None:
-        window.append(_S.start_ns >= start_ns)
-    if end_ns is not None:
-        window.append(_S.start_ns <= end_ns)
-    direct = select(*_SPAN_COLS).where(
-        or_(_S.name.in_((A.SPAN_KV_STALL, A.SPAN_KV_ABORT)),
-            and_(_S.name.in_(_FAILURE_PARENTS), _S.status == "ERROR")),
-        *window,
+    win = _window(start_ns, end_ns)
+    cols = (*_WINDOW_COLS, *_attr_cols(FAILURE_ATTRS))
+    errors = select(*cols).where(_S.status == _const("ERROR"), *win)
+    others = select(*cols).where(_S.name.in_((A.SPAN_KV_STALL, A.SPAN_KV_ABORT)),
+                                 _S.status != _const("ERROR"), *win)
+    both = union_all(errors, others).subquery()
+    df = _frame(engine, select(both).order_by(both.c.start_ns.desc()).limit(limit))
+    df = df.drop_duplicates(subset=["trace_id", "span_id"]).reset_index(drop=True)
+    return add_derived(df)
+
+
+def failure_counts(engine: Engine, start_ns: int | None = None,
+                   end_ns: int | None = None) -> dict[str, int]:
+    """How many spans failed (``errors``), stalled and aborted in the range: three counts
+    answered from the indexes alone (``ix_spans_error_start_ns``, ``ix_spans_name_start_ns``)."""
+    win = _window(start_ns, end_ns)
+    with engine.connect() as conn:
+        errors = conn.execute(
+            select(func.count()).select_from(spans_table).where(_S.status == _const("ERROR"), *win)
+        ).scalar() or 0
+        by_name = dict(conn.execute(
+            select(_S.name, func.count())
+            .where(_S.name.in_((A.SPAN_KV_STALL, A.SPAN_KV_ABORT)), *win)
+            .group_by(_S.name)
+        ).all())
+    return {"errors": int(errors), "stalls": int(by_name.get(A.SPAN_KV_STALL, 0)),
+            "aborts": int(by_name.get(A.SPAN_KV_ABORT, 0))}
+
+
+# ------------------------------------------------------------------ transfer aggregates
+
+
+def _transfer_rows(*where: ColumnElement[bool], bucket: ColumnElement[Any] | None = None) -> Select[Any]:
+    """Transfer spans, only columns of ``ix_spans_transfer_cover`` (so no row is read)."""
+    cols: list[Any] = [_S.start_ns, _S.duration_ns, _S.status, _S.bytes, _S.engine_id,
+                       _S.rank, _S.request_id]
+    if bucket is not None:
+        cols.append(bucket.label("bucket"))
+    return select(*cols).where(_S.name == _const(A.SPAN_KV_TRANSFER), *where)
+
+
+def _transfer_derived(df: pd.DataFrame) -> pd.DataFrame:
+    for p in ("p50", "p90", "p99", "max"):
+        if f"{p}_ns" in df:
+            df[f"{p}_ms"] = pd.to_numeric(df[f"{p}_ns"]) / 1e6
+    if "busy_ns" in df:
+        busy = pd.to_numeric(df["busy_ns"])
+        df["gbps"] = pd.to_numeric(df["bytes"]) / busy.where(busy > 0)  # bytes/ns == GB/s
+    return df
+
+
+def transfer_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
+                   by: tuple[str, ...] = ("engine_id", "rank")) -> pd.DataFrame:
+    """Transfer spans aggregated per ``by`` (``()``: one row for the whole range).
+
+    Columns: ``by``, transfers, failed (status ERROR), bytes, busy_ns (sum of durations),
+    p50/p90/p99/max of the duration in ns and ms, gbps (bytes over busy time).  One SQL
+    statement over ``ix_spans_transfer_cover``; an empty range gives one row of 0 when
+    ``by`` is ``()`` and no row otherwise.
+    """
+    base = _transfer_rows(*_window(start_ns, end_ns)).subquery()
+    r = _ranked(base, by, ("duration_ns",))
+    keys = [r.c[k] for k in by]
+    stmt = select(
+        *keys,
+        func.count().label("transfers"),
+        func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label("failed"),
+        func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+        func.coalesce(func.sum(r.c.duration_ns), 0).label("busy_ns"),
+        _pct(r, "duration_ns", 50).label("p50_ns"),
+        _pct(r, "duration_ns", 90).label("p90_ns"),
+        _pct(r, "duration_ns", 99).label("p99_ns"),
+        func.max(r.c.duration_ns).label("max_ns"),
     )
-    failed_traces = (
-        select(_S.trace_id)
-        .where(_S.name.in_(_FAILURE_PARENTS), _S.status == "ERROR", *window)
-        .scalar_subquery()
+    if keys:
+        stmt = stmt.group_by(*keys).order_by(*keys)
+    return _transfer_derived(_frame(engine, stmt))
+
+
+# Bucket widths a person reads at a glance, in ns.
+_NICE_WIDTHS_NS: tuple[int, ...] = tuple(
+    int(v * 10**6) for v in (1, 2, 5, 10, 20, 50, 100, 200, 500)  # ms
+) + tuple(
+    int(v * 10**9) for v in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
+                             3600, 7200, 10800, 21600, 43200, 86400, 7 * 86400)
+)
+
+
+def bucket_width_ns(span_ns: int, max_buckets: int = MAX_BUCKETS) -> int:
+    """The smallest round width (1 ms ... 1 week) that cuts ``span_ns`` into at most
+    ``max_buckets`` buckets; whole weeks beyond that."""
+    need = max(1, -(-max(span_ns, 1) // max_buckets))
+    for w in _NICE_WIDTHS_NS:
+        if w >= need:
+            return w
+    week = _NICE_WIDTHS_NS[-1]
+    return -(-need // week) * week
+
+
+def fmt_width(width_ns: int) -> str:
+    """``2 s``, ``500 ms``, ``5 min``, ``6 h``, ``1 d``."""
+    for unit, ns in (("d", 86400 * 10**9), ("h", 3600 * 10**9), ("min", 60 * 10**9),
+                     ("s", 10**9), ("ms", 10**6)):
+        if width_ns >= ns and width_ns % ns == 0:
+            return f"{width_ns // ns} {unit}"
+    return f"{width_ns / 1e6:g} ms"
+
+
+def transfer_buckets(engine: Engine, lo_ns: int, hi_ns: int,
+                     max_buckets: int = MAX_BUCKETS) -> pd.DataFrame:
+    """Transfers in [lo_ns, hi_ns] bucketed by start time (in SQL) per engine and D rank.
+
+    Columns: start (bucket start, UTC), width_ns, engine_id, rank, transfers, failed,
+    bytes, p50/max of the duration (ns, ms) and ``slowest_request`` (the request id of
+    the bucket's slowest transfer, so an outlier leads to its timeline).
+    """
+    width = bucket_width_ns(hi_ns - lo_ns, max_buckets)
+    bucket = (_S.start_ns - lo_ns) // width
+    base = _transfer_rows(_S.start_ns >= lo_ns, _S.start_ns <= hi_ns, bucket=bucket).subquery()
+    keys = ("bucket", "engine_id", "rank")
+    r = _ranked(base, keys, ("duration_ns",))
+    stmt = (
+        select(
+            *[r.c[k] for k in keys],
+            func.count().label("transfers"),
+            func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label("failed"),
+            func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+            _pct(r, "duration_ns", 50).label("p50_ns"),
+            func.max(r.c.duration_ns).label("max_ns"),
+            func.max(case((r.c._rn_duration_ns == r.c._n_duration_ns, r.c.request_id)))
+            .label("slowest_request"),
+        )
+        .group_by(*[r.c[k] for k in keys])
+        .order_by(*[r.c[k] for k in keys])
     )
-    children = select(*_SPAN_COLS).where(
-        _S.trace_id.in_(failed_traces), _S.status == "ERROR",
-        _S.name.not_in(_FAILURE_PARENTS),
+    df = _transfer_derived(_frame(engine, stmt))
+    df["width_ns"] = width
+    df["start"] = pd.to_datetime(lo_ns + df["bucket"].astype("int64") * width, unit="ns", utc=True)
+    return df
+
+
+def read_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
+               limit: int = READS_MAX_ROWS) -> pd.DataFrame:
+    """The newest ``limit`` READ spans of the range, per layer kind: reads, bytes, p50
+    latency (µs), median GB/s and NIXL's median transfer time (µs); aggregated in SQL."""
+    base = (
+        select(
+            _S.layer_kind, _S.duration_ns, _S.bytes,
+            (_S.bytes * 1.0 / func.nullif(_S.duration_ns, 0)).label("gbps"),
+            span_attr(A.KV_NIXL_XFER_US, numeric=True).label("xfer_us"),
+        )
+        .where(_S.name == A.SPAN_KV_READ, *_window(start_ns, end_ns))
+        .order_by(_S.start_ns.desc())
+        .limit(limit)
+        .subquery()
     )
-    df = _frame(engine, union_all(direct, children))
-    df = df.drop_duplicates(subset=["trace_id", "span_id"])
-    df = df.sort_values("start_ns", ascending=False).head(limit).reset_index(drop=True)
-    df = add_derived(df)
-    return parse_attributes(df, (A.KV_STATUS, A.KV_FAILURE_REASON, A.KV_WAITED_MS))
+    r = _ranked(base, ("layer_kind",), ("duration_ns", "gbps", "xfer_us"))
+    stmt = (
+        select(
+            r.c.layer_kind,
+            func.count().label("reads"),
+            func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+            (_pct(r, "duration_ns", 50) / 1e3).label("p50_us"),
+            _pct(r, "gbps", 50).label("median_gbps"),
+            _pct(r, "xfer_us", 50).label("nixl_xfer_p50_us"),
+        )
+        .group_by(r.c.layer_kind)
+        .order_by(r.c.layer_kind)
+    )
+    return _frame(engine, stmt)
+
+
+# ------------------------------------------------------------------ descriptors
+
+
+def desc_build_stats(engine: Engine, start_ns: int | None = None,
+                     end_ns: int | None = None) -> pd.DataFrame:
+    """Descriptor builds per scope and connector: builds, descriptors, bytes, p50/max µs."""
+    base = select(
+        span_attr(A.KV_DESC_SCOPE).label("scope"),
+        func.coalesce(CONNECTOR_EXPR, LEGACY_CONNECTOR).label("connector"),
+        _S.descriptors, _S.bytes, _S.duration_ns,
+    ).where(_S.name == A.SPAN_KV_DESC_BUILD, *_window(start_ns, end_ns)).subquery()
+    r = _ranked(base, ("scope", "connector"), ("duration_ns",))
+    stmt = (
+        select(
+            r.c.scope.label(A.KV_DESC_SCOPE),
+            r.c.connector.label(A.CONNECTOR),
+            func.count().label("builds"),
+            func.coalesce(func.sum(r.c.descriptors), 0).label("descriptors"),
+            func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+            (_pct(r, "duration_ns", 50) / 1e3).label("p50_us"),
+            (func.max(r.c.duration_ns) / 1e3).label("max_us"),
+        )
+        .group_by(r.c.scope, r.c.connector)
+        .order_by(r.c.scope, r.c.connector)
+    )
+    return _frame(engine, stmt)
+
+
+# Descriptor builds first: every connector builds descriptors before it reads, and they
+# are ~2 % of the spans, so the look-ups below stay cheap even without the connector index.
+_CONNECTOR_SPANS: tuple[str, ...] = (A.SPAN_KV_DESC_BUILD, A.SPAN_KV_READ)
+
+
+def _is_connector(value: str | None, indexed: bool = True) -> ColumnElement[bool]:
+    """``connector = value`` (NULL: spans without the attribute).  ``indexed=False``
+    writes it as ``connector || ''`` so that SQLite cannot answer it from an index (the
+    value is unchanged; NULL stays NULL): see :func:`connector_reads`."""
+    expr: ColumnElement[Any] = CONNECTOR_EXPR if indexed else CONNECTOR_EXPR.op("||")("")
+    return expr.is_(None) if value is None else expr == value
+
+
+def connector_values(engine: Engine, start_ns: int | None = None,
+                     end_ns: int | None = None) -> list[str | None]:
+    """The raw ``hybrid_pd.connector`` values (None: spans without it) of descriptor-build
+    and READ spans in the range, sorted, None last.
+
+    The values come from the descriptor builds (every connector builds before it reads)
+    by a loose index scan on ``ix_spans_name_connector_start_ns``: "the next value above
+    the last one" is one index seek.  Then one seek per value (builds first, READs only
+    if no build matched) checks it has a span in the range.  So this costs a few
+    look-ups however many spans there are; without that index (an older database) it
+    reads the descriptor builds once, ~2 % of the table.
+    """
+    win = _window(start_ns, end_ns)
+    seen: set[str] = set()
+    with engine.connect() as conn:
+        prev = ""  # "> ''" is a range the index can seek to; IS NOT NULL walked every
+        while True:  # attribute-less entry first
+            v = conn.execute(select(CONNECTOR_EXPR)
+                             .where(_S.name == A.SPAN_KV_DESC_BUILD, CONNECTOR_EXPR > prev)
+                             .order_by(CONNECTOR_EXPR).limit(1)).scalar()
+            if v is None:
+                break
+            seen.add(v)
+            prev = v
+        out: list[str | None] = []
+        for value in [*sorted(seen), None]:
+            if any(conn.execute(select(_S.id).where(_S.name == name, _is_connector(value), *win)
+                                .limit(1)).first() for name in _CONNECTOR_SPANS):
+                out.append(value)
+    return out
+
+
+def connectors(engine: Engine, start_ns: int | None = None, end_ns: int | None = None) -> list[str]:
+    """Connectors whose descriptor-build (or READ) spans are in the range, sorted; spans
+    without the attribute count as ``hybrid`` (:data:`LEGACY_CONNECTOR`)."""
+    return sorted({v or LEGACY_CONNECTOR for v in connector_values(engine, start_ns, end_ns)})
+
+
+def connector_reads(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
+                    max_reads: int = COMPARE_MAX_READS,
+                    max_requests: int = COMPARE_MAX_REQUESTS) -> pd.DataFrame:
+    """Per connector, request, span name (READ or desc_build) and layer kind: spans,
+    descriptors, bytes -- the input of the ours-vs-upstream comparison.
+
+    Per connector, the newest ``max_reads`` READ spans of the range pick the requests
+    (``ix_spans_name_connector_start_ns``), the ``max_requests`` newest of them (a
+    per-layer connector has ~100 READs per request, a per-request one 1-2, so the READ
+    cap alone would compare 50 requests of one and 2,500 of the other); all READ and
+    mapping (``desc_build``
+    scope=request, the only builds with a request id) spans of those requests with that
+    connector are then summed in SQL (``ix_spans_request_id_start_ns``), so a request at
+    the window's edge is counted whole.  The name and connector tests of that second
+    step are kept off the indexes on purpose (``name || ''``): SQLite, which has no
+    statistics here, otherwise preferred the connector index and walked every READ of
+    the connector (1 s at 10^6 spans) instead of a few request ids.
+    """
+    win = _window(start_ns, end_ns)
+    frames = []
+    for value in connector_values(engine, start_ns, end_ns):
+        is_c = _is_connector(value)
+        newest = (
+            select(_S.request_id, _S.start_ns)
+            .where(_S.name == A.SPAN_KV_READ, is_c, _S.request_id.is_not(None), *win)
+            .order_by(_S.start_ns.desc())
+            .limit(max_reads)
+            .subquery()
+        )
+        recent = (
+            select(newest.c.request_id)
+            .group_by(newest.c.request_id)
+            .order_by(func.max(newest.c.start_ns).desc())
+            .limit(max_requests)
+        )
+        stmt = (
+            select(
+                _S.request_id, _S.name, _S.layer_kind,
+                func.count().label("spans"),
+                func.coalesce(func.sum(_S.descriptors), 0).label("descriptors"),
+                func.coalesce(func.sum(_S.bytes), 0).label("bytes"),
+            )
+            .where(_S.request_id.in_(recent), _S.name.op("||")("").in_(_CONNECTOR_SPANS),
+                   _is_connector(value, indexed=False))
+            .group_by(_S.request_id, _S.name, _S.layer_kind)
+        )
+        df = _frame(engine, stmt)
+        df.insert(0, "connector", value or LEGACY_CONNECTOR)
+        frames.append(df)
+    cols = ["connector", "request_id", "name", "layer_kind", "spans", "descriptors", "bytes"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    df = pd.concat(frames, ignore_index=True)
+    # Legacy spans (no attribute) and explicit "hybrid" ones are the same connector.
+    df["layer_kind"] = df["layer_kind"].fillna("mixed")
+    return df.groupby(cols[:4], as_index=False)[cols[4:]].sum()
+
+
+def comparison_per_request(cmp: pd.DataFrame) -> pd.DataFrame:
+    """One row per connector and request: reads, descriptors and bytes read, mapping
+    descriptors, and per-READ ratios.  Requests without a READ are left out."""
+    rd = cmp[cmp["name"] == A.SPAN_KV_READ]
+    out = rd.groupby(["connector", "request_id"]).agg(
+        reads=("spans", "sum"), descriptors=("descriptors", "sum"), bytes=("bytes", "sum"))
+    maps = cmp[cmp["name"] == A.SPAN_KV_DESC_BUILD].groupby(["connector", "request_id"]).agg(
+        mapping_descriptors=("descriptors", "sum"))
+    out = out.join(maps, how="left").reset_index()
+    out["descriptors_per_read"] = out["descriptors"] / out["reads"]
+    out["bytes_per_read"] = out["bytes"] / out["reads"]
+    return out
+
+
+# Table columns of :func:`comparison_medians` (the units are part of the header).
+MEDIAN_COLUMNS: dict[str, str] = {
+    "reads": "READs / request",
+    "descriptors_per_read": "descriptors / READ",
+    "bytes_per_read": "bytes / READ (B)",
+    "descriptors": "descriptors / request",
+    "bytes": "bytes / request (B)",
+    "mapping_descriptors": "mapped descriptor ids / request",
+}
+
+
+def comparison_medians(per_request: pd.DataFrame) -> pd.DataFrame:
+    """Per connector: how many requests were compared and the median of each per-request
+    figure (:data:`MEDIAN_COLUMNS`)."""
+    g = per_request.groupby("connector")
+    out = g[list(MEDIAN_COLUMNS)].median().rename(columns=MEDIAN_COLUMNS)
+    out.insert(0, "requests", g.size())
+    return out.reset_index()
+
+
+def comparison_per_kind(cmp: pd.DataFrame) -> pd.DataFrame:
+    """Per connector and layer kind: READs, descriptors and bytes per READ (totals over
+    the compared requests divided by their READ count); an ``all`` kind is added when
+    the READs come in more than one kind."""
+    rd = cmp[cmp["name"] == A.SPAN_KV_READ]
+    g = rd.groupby(["connector", "layer_kind"], as_index=False)[["spans", "descriptors", "bytes"]].sum()
+    if rd["layer_kind"].nunique() > 1:
+        total = rd.groupby("connector", as_index=False)[["spans", "descriptors", "bytes"]].sum()
+        g = pd.concat([g, total.assign(layer_kind="all")], ignore_index=True)
+    g = g.rename(columns={"spans": "reads"})
+    g["descriptors_per_read"] = g["descriptors"] / g["reads"]
+    g["bytes_per_read"] = g["bytes"] / g["reads"]
+    return g
 
 
 RequestOrder = Literal["latest", "slowest"]
@@ -318,8 +749,8 @@ RequestOrder = Literal["latest", "slowest"]
 def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 200) -> pd.DataFrame:
     """Requests that had a KV transfer: id, first start, slowest transfer, bytes, errors.
 
-    Grouped over transfer spans only (``ix_spans_name_start_ns`` narrows the scan to
-    one span in ~60), so it stays cheap on large databases.
+    Grouped over transfer spans only, from ``ix_spans_transfer_cover`` (a partial index
+    holding just those spans and the columns read here), so no table row is visited.
     """
     dur = func.max(_S.duration_ns).label("duration_ns")
     stmt = (
@@ -331,7 +762,7 @@ def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 20
             func.count().label("transfers"),
             func.sum(case((_S.status == "ERROR", 1), else_=0)).label("errors"),
         )
-        .where(_S.name == A.SPAN_KV_TRANSFER, _S.request_id.is_not(None))
+        .where(_S.name == _const(A.SPAN_KV_TRANSFER), _S.request_id.is_not(None))
         .group_by(_S.request_id)
         .order_by(dur.desc() if order == "slowest" else func.min(_S.start_ns).desc())
         .limit(limit)

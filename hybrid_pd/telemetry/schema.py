@@ -17,9 +17,20 @@ write rows a newer reader misinterprets).  Tables and indexes are created with
 ``IF NOT EXISTS`` because several processes (both engines and the proxy) open the same
 file at the same moment.  Schemas that must evolve beyond additive changes should move to
 Alembic (the SQLAlchemy docs' advice); version 1 is the first.
+
+Indexes are not versioned.  Adding one changes no row and no column: an older writer
+keeps inserting (SQLite maintains every index on the file, whoever inserts), an older
+reader ignores it.  So a new index does not bump :data:`SCHEMA_VERSION` -- a bump would
+make every older binary refuse the file for nothing.  A database made before an index
+existed gets it the next time any writer opens it (the exporter's ``ensure_schema`` runs
+``CREATE INDEX IF NOT EXISTS`` for every index here; on a 10^6-span file that takes a
+few seconds, once); until then the read-only dashboard works without it, slower, and
+names the missing indexes (:data:`DASHBOARD_INDEXES`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -31,6 +42,13 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import literal_column
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import NullType
+
+from hybrid_pd.telemetry import attributes as A
 
 SCHEMA_VERSION = 1
 
@@ -94,6 +112,84 @@ Index("ix_spans_request_id_start_ns", spans_table.c.request_id, spans_table.c.st
 Index("ix_spans_start_ns", spans_table.c.start_ns)
 Index("ix_spans_name_start_ns", spans_table.c.name, spans_table.c.start_ns)
 Index("ix_spans_trace_id", spans_table.c.trace_id)
+
+
+class span_attr(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
+    """One attribute of the JSON ``attributes`` column, as a SQL expression.
+
+    SQLite: ``json_extract(attributes, '$."KEY"')``; PostgreSQL: ``(CAST(attributes AS
+    JSONB) ->> 'KEY')``.  The key is rendered as a literal, never a bound parameter, so
+    a query's expression is the very expression an index was built on (SQLite matches
+    expression indexes textually).  ``numeric=True`` yields NULL for anything but a JSON
+    number (the exporter stores NaN/inf as strings), so ``ORDER BY`` and medians stay
+    numeric.
+    """
+
+    inherit_cache = True
+    type = NullType()
+
+    def __init__(self, key: str, numeric: bool = False) -> None:
+        if "'" in key or '"' in key:
+            raise ValueError(f"attribute key {key!r} must not contain quotes")
+        self.attr_key = key
+        self.numeric = numeric
+        # The key and the flag as literal clauses: part of the statement's cache key.
+        super().__init__(spans_table.c.attributes, literal_column(f"'{key}'"),
+                         literal_column("1" if numeric else "0"))
+
+
+@compiles(span_attr)
+def _span_attr_sqlite(element: span_attr, compiler: SQLCompiler, **kw: Any) -> str:
+    col = compiler.process(next(iter(element.clauses)), **kw)
+    path = f"""'$."{element.attr_key}"'"""
+    value = f"json_extract({col}, {path})"
+    if element.numeric:
+        return f"CASE WHEN json_type({col}, {path}) IN ('integer', 'real') THEN {value} END"
+    return value
+
+
+@compiles(span_attr, "postgresql")
+def _span_attr_pg(element: span_attr, compiler: SQLCompiler, **kw: Any) -> str:
+    col = f"CAST({compiler.process(next(iter(element.clauses)), **kw)} AS JSONB)"
+    if element.numeric:
+        return (f"(CASE WHEN jsonb_typeof({col} -> '{element.attr_key}') = 'number' "
+                f"THEN CAST({col} ->> '{element.attr_key}' AS DOUBLE PRECISION) END)")
+    return f"({col} ->> '{element.attr_key}')"
+
+
+CONNECTOR_EXPR = span_attr(A.CONNECTOR)
+
+# Indexes for the dashboard's whole-database pages (10^6 spans, range "all"):
+#   transfer aggregates, request list  WHERE name = 'kv.transfer' [AND start_ns ...]
+#       -> partial covering index: only transfer spans (~2 % of rows), every column
+#          the aggregates read (name included, or SQLite would not count it as
+#          covering and would prefer a name index), so no table row is visited;
+#   failures                           WHERE status = 'ERROR' [AND start_ns ...]
+#       -> partial index holding only the failed spans (one in ~200);
+#   ours vs upstream                   WHERE name = ? AND <connector> = ? ORDER BY start_ns
+#       -> expression index on the connector attribute (it lives in the JSON only).
+#          SQLite 3.40 never counts an expression index as covering, so more columns
+#          would not spare the row look-ups; queries.connector_reads keeps them few.
+#          json_extract is built into SQLite since 3.38 (and in Python's builds before);
+#          a writer whose SQLite lacks it could not insert into a file with this index.
+# The partial indexes are used when the query states the same predicate; the dashboard
+# writes those constants as literals (queries.py).
+Index("ix_spans_transfer_cover", spans_table.c.name, spans_table.c.start_ns,
+      spans_table.c.duration_ns,
+      spans_table.c.status, spans_table.c.bytes, spans_table.c.engine_id, spans_table.c.rank,
+      spans_table.c.request_id,
+      sqlite_where=spans_table.c.name == A.SPAN_KV_TRANSFER,
+      postgresql_where=spans_table.c.name == A.SPAN_KV_TRANSFER)
+Index("ix_spans_error_start_ns", spans_table.c.start_ns,
+      sqlite_where=spans_table.c.status == "ERROR",
+      postgresql_where=spans_table.c.status == "ERROR")
+Index("ix_spans_name_connector_start_ns", spans_table.c.name, CONNECTOR_EXPR,
+      spans_table.c.start_ns)
+
+# What the dashboard reports as missing on a database made before these existed.
+DASHBOARD_INDEXES: tuple[str, ...] = (
+    "ix_spans_transfer_cover", "ix_spans_error_start_ns", "ix_spans_name_connector_start_ns",
+)
 
 schema_version_table = Table(
     "schema_version",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common
+from hybrid_pd.dashboard import common, queries
 from hybrid_pd.telemetry import attributes as A
 
 
@@ -12,15 +12,18 @@ def body() -> None:
     db = common.require_db()
     start, end = common.sidebar_window(db)
     st.title("Failures")
-    f = common.failures(db, start, end)
-    if f.empty:
+    n = common.failure_counts(db, start, end)
+    if not any(n.values()):
         st.success("No failed, stalled or aborted transfers in this time range.")
         return
     c = st.columns(3)
-    c[0].metric("failed spans", int((f["status"] == "ERROR").sum()))
-    c[1].metric("stalls", int((f["name"] == A.SPAN_KV_STALL).sum()))
-    c[2].metric("aborts", int((f["name"] == A.SPAN_KV_ABORT).sum()))
-    f = f.copy()
+    c[0].metric("failed spans", n["errors"])
+    c[1].metric("stalls", n["stalls"])
+    c[2].metric("aborts", n["aborts"])
+    f = common.failures(db, start, end).copy()
+    if len(f) >= queries.FAILURES_MAX_ROWS:
+        st.caption(f"Newest {queries.FAILURES_MAX_ROWS:,} of them (the counts above cover "
+                   "the whole range; narrow it to list older ones).")
     f["reason"] = f[A.KV_FAILURE_REASON].fillna(f["status_message"])
     f["timeline"] = "/timeline?request=" + f["request_id"].astype(str)
     st.dataframe(
