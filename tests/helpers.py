@@ -2,10 +2,116 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ rotel (OTLP receiver)
+# A real OTLP collector from PyPI (``rotel``), shared by tests/test_otlp_export.py and
+# tests/test_bench_telemetry.py.
+
+def _rotel_binary() -> Path | None:
+    # The wheel ships the collector next to its Python wrapper (rotel/rotel-agent); we run
+    # the binary ourselves, in the foreground, so its debug log is ours to read.
+    spec = importlib.util.find_spec("rotel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "rotel-agent"
+    return path if path.exists() else None
+
+
+ROTEL = _rotel_binary()
+
+
+class Rotel:
+    """A rotel collector in the foreground; its debug log of received traces is parsed."""
+
+    def __init__(self, tmp: Path) -> None:
+        if ROTEL is None:
+            raise RuntimeError("rotel collector binary not found (pip install rotel)")
+        self.log = tmp / "rotel.out"
+        for _ in range(3):  # a port picked by the OS can be taken before rotel binds it
+            self.grpc_port, self.http_port = free_port(), free_port()
+            self.proc = subprocess.Popen(
+                [str(ROTEL), "start", "--exporter", "blackhole", "--debug-log", "traces",
+                 "--debug-log-verbosity", "detailed",
+                 "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
+                 "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+                 "--pid-file", str(tmp / "rotel.pid"), "--log-file", str(tmp / "rotel.log")],
+                stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+            )
+            if self._wait_listening(timeout=15):
+                return
+            self.stop()
+        raise RuntimeError(f"rotel did not start; its output:\n{self.log.read_text()}")
+
+    def _wait_listening(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                for port in (self.grpc_port, self.http_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def spans(self) -> dict[str, dict[str, Any]]:
+        """span id -> {service, trace_id, parent, name, attributes} from the debug log."""
+        out: dict[str, dict[str, Any]] = {}
+        service = None
+        cur: dict[str, Any] | None = None
+        section = None
+        for line in self.log.read_text(errors="replace").splitlines():
+            s = line.strip()
+            if line.startswith("ResourceSpans #"):
+                section, cur = "resource", None
+            elif line.startswith("Span #"):
+                cur = {"service": service, "attributes": {}}
+                section = "span"
+            elif s == "Attributes:" and cur is not None:
+                section = "attrs"
+            elif (m := re.match(r"-> ([\w.]+): (\w+)\((.*)\)$", s)):
+                key, typ, raw = m.groups()
+                value = {"Int": int, "Double": float, "Bool": lambda v: v == "true"}.get(typ, str)(raw)
+                if section == "resource" and key == "service.name":
+                    service = value
+                elif section == "attrs" and cur is not None:
+                    cur["attributes"][key] = value
+            elif cur is not None and (m := re.match(r"(Trace ID|Parent ID|ID|Name)\s*:\s*(.*)$", s)):
+                field = {"Trace ID": "trace_id", "Parent ID": "parent", "ID": "span_id",
+                         "Name": "name"}[m.group(1)]
+                cur[field] = m.group(2) or None
+                if field == "span_id":
+                    out[cur["span_id"]] = cur
+        return out
+
+    def wait_for(self, span_ids: set[str], timeout: float = 20) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.spans()
+            if span_ids <= set(got) or time.monotonic() > deadline:
+                return {k: v for k, v in got.items() if k in span_ids}
+            time.sleep(0.1)

@@ -240,7 +240,8 @@ class FakeAgent:
         pass
 
 
-def fake_pair(tracer: Any, state: str) -> tuple[NixlExecutor, BenchCase]:
+def fake_pair(tracer: Any, state: str,
+              agent_cls: type[FakeAgent] = FakeAgent) -> tuple[NixlExecutor, BenchCase]:
     init = make_init(TINY, prefill_tp=1, decode_tp=1, num_tokens=40)
     case = build_case(init)
 
@@ -249,7 +250,7 @@ def fake_pair(tracer: Any, state: str) -> tuple[NixlExecutor, BenchCase]:
 
     p = NixlExecutor("p", regions(case.prefill), agent=FakeAgent("p"), tracer=tracer)
     p_meta = p.metadata(engine_id="prefill", spec=case.spec, layout=case.prefill, rank=0)
-    d = NixlExecutor("d", regions(case.decode), agent=FakeAgent("d", state), tracer=tracer)
+    d = NixlExecutor("d", regions(case.decode), agent=agent_cls("d", state), tracer=tracer)
     d.metadata(engine_id="decode", spec=case.spec, layout=case.decode, rank=0)
     d.add_peer(p_meta)
     return d, case
@@ -299,6 +300,92 @@ def test_not_recording_costs_no_span_work() -> None:
                    decode_block_ids=case.decode_ids, per_layer=True, timeout_s=0.005)
     assert exporter.get_finished_spans() == ()
     assert d.span_cost.spans == 0 and d.span_cost.ns == 0
+
+
+class StampingAgent(FakeAgent):
+    """FakeAgent that stamps every poll and notification (monotonic ns)."""
+
+    def __init__(self, name: str, state: str = "PROC") -> None:
+        super().__init__(name, state)
+        self.stamps: list[int] = []
+
+    def check_xfer_state(self, h: Any) -> str:
+        self.stamps.append(time.monotonic_ns())
+        return super().check_xfer_state(h)
+
+    def send_notif(self, *a: Any) -> None:
+        self.stamps.append(time.monotonic_ns())
+
+
+class StampingTracer:
+    """Wraps a tracer; stamps every start_span call (monotonic ns)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.stamps: list[int] = []
+
+    def start_span(self, *a: Any, **k: Any) -> Any:
+        self.stamps.append(time.monotonic_ns())
+        return self.inner.start_span(*a, **k)
+
+    def start_as_current_span(self, *a: Any, **k: Any) -> Any:
+        return self.inner.start_as_current_span(*a, **k)
+
+
+@pytest.mark.parametrize("state", ["DONE", "PROC"])
+def test_spans_built_after_poll_loop_and_notify(state: str) -> None:
+    # No span work while READs are posted / polled, nor before P is notified: every
+    # start_span comes after the last poll and the notification.  The spans still carry
+    # the executor's own stamps (shifted by one wall-clock offset per request).
+    inner, exporter = mem_tracer()
+    tracer = StampingTracer(inner)
+    d, case = fake_pair(tracer, state, StampingAgent)
+    agent = d.agent
+    assert isinstance(agent, StampingAgent)
+    exporter.clear()
+    tracer.stamps.clear()
+    agent.stamps.clear()
+    res = d.read_request("stamped", case.unmerged_plans[0], engine_id="prefill",
+                         decode_block_ids=case.decode_ids, per_layer=True, timeout_s=0.01)
+    assert res.status == ("ok" if state == "DONE" else "failed"), res.reason
+    assert agent.stamps and tracer.stamps
+    assert min(tracer.stamps) > max(agent.stamps)  # last poll / notify before any span
+    assert min(tracer.stamps) >= res.t_notified_ns >= res.t_end_ns >= res.t_start_ns
+    spans = exporter.get_finished_spans()
+    (xfer,) = by_name(spans, A.SPAN_KV_TRANSFER)
+    reads = by_name(spans, A.SPAN_KV_READ)
+    assert len(reads) == len(res.reads) == 5  # tiny: 5 cache layers, one peer
+    off = xfer.start_time - res.t_start_ns  # wall clock - monotonic, one per request
+    assert xfer.end_time - off == res.t_notified_ns
+    # Read spans: start = before the handle was made; end = the poll that saw DONE
+    # (DONE) or the abort (PROC: timed out).
+    for s, r in zip(sorted(reads, key=lambda x: x.start_time),
+                    sorted(res.reads, key=lambda x: x.t_make_ns), strict=True):
+        assert s.start_time - off == r.t_make_ns
+        if state == "DONE":
+            assert s.end_time - off == r.t_done_ns
+        assert s.parent.span_id == xfer.context.span_id
+    # One notify (several READs for the peer) inside the transfer span.
+    (note,) = by_name(spans, A.SPAN_KV_NOTIFY)
+    assert xfer.start_time <= note.start_time <= note.end_time <= xfer.end_time
+    # The cost ledger covers every span of the request, and only when recording.
+    assert d.span_cost.spans == len(spans) and res.emit_ns > 0
+    assert d.span_cost.ns == res.emit_ns
+
+
+def test_raised_read_request_emits_failed_transfer_span() -> None:
+    # An exception inside the read path (here: no handshake with that engine) is re-raised
+    # and leaves one failed kv.transfer span.
+    tracer, exporter = mem_tracer()
+    d, case = fake_pair(tracer, "DONE")
+    exporter.clear()
+    with pytest.raises(KeyError, match="no handshake"):
+        d.read_request("nobody", case.unmerged_plans[0], engine_id="elsewhere",
+                       decode_block_ids=case.decode_ids)
+    (xfer,) = exporter.get_finished_spans()
+    assert xfer.name == A.SPAN_KV_TRANSFER
+    assert xfer.status.status_code is StatusCode.ERROR
+    assert "KeyError" in xfer.attributes[A.KV_FAILURE_REASON]
 
 
 # ----------------------------------------------------------------------------------

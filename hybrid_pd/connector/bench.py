@@ -14,11 +14,30 @@ verification happen outside the window.
 Telemetry (``init['telemetry']`` = ``off`` | ``sqlite`` | ``sqlite+otlp``): every rank
 process configures tracing (service ``hybrid-pd-bench``, its role, its rank) into the one
 SQLite file ``init['telemetry_db']`` (plus OTLP from the ``OTEL_*`` variables).  Each
-request is then read twice, untraced and traced, in rotating order with the baseline, so
-the report's ``telemetry`` block compares transfer windows on / off from the same run;
-it also gives spans created / stored / dropped (summed over ranks, checked against the
-rows in the database), the hot-path cost per span, and the span-end lag bound
-(``kv.completion_lag_ns``: previous poll -> the poll that saw DONE).
+request is then read twice, untraced and traced, in the same processes, so the report's
+``telemetry`` block compares transfer windows on / off measured side by side; it also
+gives spans created / stored / dropped (summed over ranks, checked against the rows in
+the database), the span cost (per span and per request; the executor builds spans only
+after a request's READs are DONE, so the window holds no span work) and the span-end lag
+bound (``kv.completion_lag_ns``: previous poll -> the poll that saw DONE).
+
+Order of the reads: every timed read follows a baseline READ.  Telemetry off: ``baseline,
+hybrid, spacer`` / ``hybrid, spacer, baseline`` on alternate requests; telemetry on:
+``baseline, untraced, spacer, traced, spacer`` (odd requests: traced first); a spacer is
+an untimed baseline READ.  What precedes a read matters on a small box: a read that
+directly follows a per-layer hybrid read (whose ``done`` goes to P as a separate
+notification) was measured ~3 ms slower for tiny transfers (~0.3 ms), a carry-over that a
+plain rotation of the kinds gave the traced read 2 times in 3, the untraced one 1 time
+in 3 and the baseline always (1 time in 2 with telemetry off).
+
+Several modes in one run: ``init['telemetry']`` may list modes, comma-separated
+(``"compare"`` = ``"off,sqlite,sqlite+otlp"``).  Each mode gets its own process group
+(tracing is configured once per process), in turn; each on-mode group has its own
+side-by-side on / off comparison.  The top-level transfer numbers are the first listed
+group's; ``telemetry_modes`` holds one block per on-mode and ``telemetry`` the first of
+them.  With ``off`` listed, each block also gets ``ratio_vs_off_group``: its traced
+median over the median of the group that never configured tracing - across process
+groups, so it includes the exporters' background work but also the box's drift.
 
 :class:`BenchSession` keeps the processes up so tests can run several requests, fault
 injections and granularities against one process group.
@@ -45,7 +64,21 @@ from hybrid_pd.connector.nixl_executor import parse_granularity, per_layer_for
 from hybrid_pd.connector.plan import RequestPlan, plan_request
 
 TELEMETRY_MODES = ("off", "sqlite", "sqlite+otlp")
+TELEMETRY_COMPARE = ("off", "sqlite", "sqlite+otlp")  # what "compare" stands for
+OVERHEAD_GOAL = 1.03  # transfer wall time traced / untraced (BRIEF: telemetry costs <= 3%)
 STARTUP_TIMEOUT_S = 180.0  # process start + torch/NIXL import + fill, on a loaded 2-core box
+
+
+def parse_telemetry(value: str) -> tuple[str, ...]:
+    """The modes of ``--telemetry``, in order, each once: ``"sqlite"`` -> ("sqlite",);
+    ``"off,sqlite+otlp"`` -> ("off", "sqlite+otlp"); ``"compare"`` -> all three."""
+    names = TELEMETRY_COMPARE if value == "compare" else tuple(
+        m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in names if m not in TELEMETRY_MODES]
+    if not names or bad:
+        raise ValueError(f"telemetry must be one of {TELEMETRY_MODES} (comma-separated for "
+                         f"several, or 'compare'), got {value!r}")
+    return tuple(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------------
@@ -300,6 +333,19 @@ def _window(replies: list[dict[str, Any]]) -> tuple[float, int, list[dict[str, A
     return (t1 - t0) / 1e9, sum(r["bytes"] for r in res), res
 
 
+def _caller_window(replies: list[dict[str, Any]]) -> float:
+    """Seconds from the first READ's start to the last D rank's return from read_request:
+    the transfer plus D's notifications to P plus span emission."""
+    res = [r["result"] for r in replies]
+    t1 = max(r["t_notified_ns"] + r["emit_ns"] for r in res)
+    return (t1 - min(r["t_start_ns"] for r in res)) / 1e9
+
+
+def _emit_us(replies: list[dict[str, Any]]) -> float:
+    """Span building / emission of one request, microseconds (the slowest D rank)."""
+    return max(r["result"]["emit_ns"] for r in replies) / 1e3
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
@@ -310,7 +356,8 @@ def _lag_us(results: list[dict[str, Any]]) -> list[float]:
 
 
 def _telemetry_report(s: BenchSession, init: dict[str, Any], on: list[float],
-                      off: list[float], paired: list[float], lags: list[float]) -> dict[str, Any]:
+                      off: list[float], paired: list[float], lags: list[float],
+                      caller: dict[str, list[float]]) -> dict[str, Any]:
     """Flush every rank's tracing and add up the span ledger (see the module docstring)."""
     import sqlite3
 
@@ -333,22 +380,37 @@ def _telemetry_report(s: BenchSession, init: dict[str, Any], on: list[float],
                             (f"{init['run_id']}-%",)).fetchone()[0]
     sq = sinks.get("sqlite", {"exported": 0, "dropped": 0, "dropped_queue": 0})
     on_med, off_med = _median(on), _median(off)
+    c_on, c_off = _median(caller["on"]), _median(caller["off"])
     lags_sorted = sorted(lags)
+    ratio = on_med / off_med if off_med else 0.0
     return {
         "mode": init["telemetry"],
         "db": str(db),
+        "run_id": init["run_id"],  # the rows: engine_id LIKE '<run_id>-%'
         "spans_created": created,
         "spans_ended": ended,
         "spans_stored": sq["exported"],
         "spans_in_db": rows,
         "spans_dropped": sq["dropped"] + sq["dropped_queue"],
+        # per sink: ended - exported - dropped (0 = nothing lost silently)
+        "spans_unaccounted": {name: ended - sk["exported"] - sk["dropped"] - sk["dropped_queue"]
+                              for name, sk in sinks.items()},
         "sinks": sinks,
         "hot_path_spans": spans_hot,
+        # Span cost, all of it spent after a request's READs are DONE and P is notified
+        # (the executor builds spans from its stamps then): none inside the timed window.
+        "span_emission": "after_transfer",
         "us_per_span": ns_hot / spans_hot / 1e3 if spans_hot else 0.0,
+        "emit_us_per_request_median": _median(caller["emit_us"]),
         "seconds_on_median": on_med,
         "seconds_off_median": off_med,
-        "ratio_on_off": on_med / off_med if off_med else 0.0,
+        "ratio_on_off": ratio,
         "ratio_on_off_paired_median": _median(paired),
+        "overhead_goal": {"ratio_max": OVERHEAD_GOAL, "met": 0 < ratio <= OVERHEAD_GOAL},
+        # Up to read_request's return (+ notifications to P + span emission).
+        "seconds_on_caller_median": c_on,
+        "seconds_off_caller_median": c_off,
+        "ratio_on_off_caller": c_on / c_off if c_off else 0.0,
         "seconds_on_all": on,
         "seconds_off_all": off,
         "span_end_lag_us": {
@@ -360,14 +422,51 @@ def _telemetry_report(s: BenchSession, init: dict[str, Any], on: list[float],
     }
 
 
+def _read_order(i: int, telemetry_on: bool) -> list[str]:
+    """Kinds read for request ``i`` (see the module docstring): each timed read right
+    after a baseline READ ("spacer"s are untimed baseline READs)."""
+    if not telemetry_on:
+        return ["baseline", "hybrid", "spacer"] if i % 2 == 0 else ["hybrid", "spacer", "baseline"]
+    first, second = ("hybrid", "traced") if i % 2 == 0 else ("traced", "hybrid")
+    return ["baseline", first, "spacer", second, "spacer2"]
+
+
 def run_bench(init: dict[str, Any]) -> dict[str, Any]:
-    """Run ``init['requests']`` requests (+ one warm-up of each kind) and report."""
+    """Run ``init['requests']`` requests (+ one warm-up of each kind) and report; one
+    process group per telemetry mode when several are listed (module docstring)."""
+    modes = parse_telemetry(init.get("telemetry", "off"))
+    if modes != ("off",) and not init.get("telemetry_db"):
+        raise ValueError("telemetry on needs init['telemetry_db'] (a file path)")
+    if len(modes) == 1:
+        init["telemetry"] = modes[0]
+        reports = [_run_mode(init)]
+    else:
+        reports = [_run_mode({**init, "telemetry": m, "run_id": uuid.uuid4().hex[:8]})
+                   for m in modes]
+    report = reports[0]
+    on = [r["telemetry"] for r in reports if r["telemetry"]["mode"] != "off"]
+    if not on:
+        return report
+    off = next((r for r in reports if r["telemetry"]["mode"] == "off"), None)
+    if off is not None:  # across process groups: background export included, noisier
+        for tel in on:
+            tel["seconds_off_group_median"] = off["seconds_median"]
+            tel["ratio_vs_off_group"] = (tel["seconds_on_median"] / off["seconds_median"]
+                                         if off["seconds_median"] else 0.0)
+    report["telemetry"] = on[0]
+    report["telemetry_modes"] = {tel["mode"]: tel for tel in on}
+    for r in reports[1:]:
+        mode = r["telemetry"]["mode"]
+        report["failures"] += [f"[{mode}] {m}" for m in r["failures"]]
+        report["mismatches"] += [f"[{mode}] {m}" for m in r["mismatches"]]
+    report["verified"] = all(r["verified"] for r in reports)
+    return report
+
+
+def _run_mode(init: dict[str, Any]) -> dict[str, Any]:
+    """One process group, one telemetry mode."""
     gran = init.get("granularity", "request")
     telemetry = init.get("telemetry", "off")
-    if telemetry not in TELEMETRY_MODES:
-        raise ValueError(f"telemetry must be one of {TELEMETRY_MODES}, got {telemetry!r}")
-    if telemetry != "off" and not init.get("telemetry_db"):
-        raise ValueError("telemetry on needs init['telemetry_db'] (a file path)")
     init.setdefault("run_id", uuid.uuid4().hex[:8])
     parse_granularity(gran)
     requests = int(init.get("requests", 5))
@@ -400,8 +499,8 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
     tel_on: list[float] = []
     tel_off: list[float] = []
     tel_paired: list[float] = []
+    caller: dict[str, list[float]] = {"on": [], "off": [], "emit_us": []}
     lags: list[float] = []
-    kinds = ["baseline", "hybrid"] + (["traced"] if telemetry != "off" else [])
     with BenchSession(init) as s:
         if s.refused:
             raise BenchError(f"handshake refused:\n{s.refused}")
@@ -409,16 +508,16 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
         s.lease(rids, float(init.get("lease_s", 120.0)))
         for i in range(requests + 1):  # request 0 is the warm-up (UCX connects lazily)
             per_layer = per_layer_for(gran, i)
-            # Rotate the order so no kind always runs on a warmer cache.
-            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
+            order = _read_order(i, telemetry != "off")
             out: dict[str, list[dict[str, Any]]] = {}
             for kind in order:
                 # "hybrid" is untraced; "traced" is the same read with spans on (its id
                 # is the leased one when telemetry is on: P's lease waits for it).
-                rid = {"baseline": f"b{i}", "hybrid": rids[i], "traced": f"t{i}"}[kind]
+                rid = {"baseline": f"b{i}", "spacer": f"s{i}", "spacer2": f"z{i}",
+                       "hybrid": rids[i], "traced": f"t{i}"}[kind]
                 if telemetry != "off":
                     rid = {"hybrid": f"u{i}", "traced": rids[i]}.get(kind, rid)
-                out[kind] = s.read(rid, "baseline" if kind == "baseline" else "hybrid",
+                out[kind] = s.read(rid, "hybrid" if kind in ("hybrid", "traced") else "baseline",
                                    per_layer=per_layer, telemetry=kind == "traced")
             for kind in order:
                 for r in out[kind]:
@@ -436,6 +535,9 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                 tel_on.append(tsec)
                 tel_off.append(sec)
                 tel_paired.append(tsec / sec if sec else 0.0)
+                caller["on"].append(_caller_window(out["traced"]))
+                caller["off"].append(_caller_window(out["hybrid"]))
+                caller["emit_us"].append(_emit_us(out["traced"]))
                 lags += _lag_us(tres)
             bytes_total = nbytes
             seconds.append(sec)
@@ -455,7 +557,7 @@ def run_bench(init: dict[str, Any]) -> dict[str, Any]:
                     breakdown["nixl_xfer_us_max"].append(max(t["xfer_us"] for t in tel))
                     nixl_descs = sum(t["desc_count"] for t in tel) if d == 0 else nixl_descs
         leases = s.leases()
-        tel_report = (_telemetry_report(s, init, tel_on, tel_off, tel_paired, lags)
+        tel_report = (_telemetry_report(s, init, tel_on, tel_off, tel_paired, lags, caller)
                       if telemetry != "off" else {"mode": "off"})
         if telemetry == "off":
             lag_sorted = sorted(lags)
@@ -521,4 +623,5 @@ def make_init(
     }
 
 
-__all__ = ["BenchCase", "BenchError", "BenchSession", "build_case", "make_init", "run_bench"]
+__all__ = ["BenchCase", "BenchError", "BenchSession", "build_case", "make_init",
+           "parse_telemetry", "run_bench"]

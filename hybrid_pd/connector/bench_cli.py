@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,16 @@ from hybrid_pd.connector.plan_cli import add_request_args
 def _granularity(value: str) -> str:
     try:
         parse_granularity(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
+def _telemetry(value: str) -> str:
+    from hybrid_pd.connector.bench import parse_telemetry
+
+    try:
+        parse_telemetry(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return value
@@ -40,10 +51,14 @@ def add_parser(subparsers: Any) -> None:
                    help="prepped: dual views prepped once per peer, per-request index lists; "
                    "dlist: per-request descriptor lists")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--telemetry", choices=("off", "sqlite", "sqlite+otlp"), default="off",
+    p.add_argument("--telemetry", type=_telemetry, default="off",
+                   metavar="{off,sqlite,sqlite+otlp}[,...]|compare",
                    help="spans from every rank process into one SQLite file (+ OTLP from "
                    "OTEL_* variables); each request then runs untraced and traced, "
-                   "interleaved, and the report gives the on/off ratio")
+                   "interleaved, and the report gives the on/off ratio.  Several modes "
+                   "(comma-separated; 'compare' = off,sqlite,sqlite+otlp) run one after the "
+                   "other in their own processes, each on-mode with its own on/off "
+                   "comparison (JSON: telemetry_modes; ratio_vs_off_group when off is listed)")
     p.add_argument("--telemetry-db", default=None,
                    help="span database file (default: runs/bench-<time>/spans.db)")
     p.add_argument("--verbose", action="store_true", help="show the rank processes' logs")
@@ -53,8 +68,15 @@ def add_parser(subparsers: Any) -> None:
 
 def _telemetry_db(args: argparse.Namespace) -> str | None:
     """The span database path (made absolute: rank processes may run elsewhere)."""
-    if args.telemetry == "off":
+    from hybrid_pd.connector.bench import parse_telemetry
+
+    modes = parse_telemetry(args.telemetry)
+    if modes == ("off",):
         return None
+    if "sqlite+otlp" in modes and not (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                                       or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        print("[hybrid-pd bench] sqlite+otlp: no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT set, "
+              "so the OTel SDK's default endpoint is used (drops are counted)", file=sys.stderr)
     path = Path(args.telemetry_db) if args.telemetry_db else (
         Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}" / "spans.db")
     path = path.resolve()
@@ -94,14 +116,21 @@ def run(args: argparse.Namespace) -> int:
             f"baseline {report['baseline_gbps_median']:.2f} GB/s; ratio "
             f"{report['ratio_to_baseline']:.2f}; verified={report['verified']}"
         )
-        tel = report["telemetry"]
-        if tel["mode"] != "off":
+        for tel in report.get("telemetry_modes", {}).values():
             print(
                 f"telemetry {tel['mode']}: spans created {tel['spans_created']}, stored "
                 f"{tel['spans_stored']} ({tel['spans_in_db']} rows), dropped "
-                f"{tel['spans_dropped']}; {tel['us_per_span']:.1f} us/span; on/off "
-                f"{tel['ratio_on_off']:.3f}; span-end lag median "
-                f"{tel['span_end_lag_us']['median']:.1f} us -> {tel['db']}"
+                f"{tel['spans_dropped']}; {tel['us_per_span']:.1f} us/span, "
+                f"{tel['emit_us_per_request_median']:.0f} us/request after the READs; "
+                f"on/off {tel['ratio_on_off']:.3f} (goal <= {tel['overhead_goal']['ratio_max']}"
+                f"), with emission {tel['ratio_on_off_caller']:.3f}"
+                + "".join(f"; {name} exported {sk['exported']}, dropped "
+                          f"{sk['dropped'] + sk['dropped_queue']}"
+                          for name, sk in tel["sinks"].items() if name != "sqlite")
+                + (f", vs the off group {tel['ratio_vs_off_group']:.3f}"
+                   if "ratio_vs_off_group" in tel else "")
+                + f"; span-end lag median {tel['span_end_lag_us']['median']:.1f} us -> "
+                f"{tel['db']}"
             )
         for m in report["mismatches"] + report["failures"]:
             print(f"  {m}")

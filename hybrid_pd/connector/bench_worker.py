@@ -264,6 +264,8 @@ def _result_dict(res: RequestResult) -> dict[str, Any]:
         "descriptors": res.descriptors,
         "notified": res.notified,
         "polls": res.polls,
+        "t_notified_ns": res.t_notified_ns,
+        "emit_ns": res.emit_ns,
         "reads": [
             {
                 "prefill_rank": r.prefill_rank,

@@ -41,8 +41,14 @@ Why these choices:
   by at most one poll round (one ``check_xfer_state`` per pending READ plus a
   ``sched_yield``); ``kv.completion_lag_ns`` records that bound for every read (the
   bench reports its median / max: a few microseconds unloaded, more when the box is
-  oversubscribed).  Span work happens only when the tracer records (house rule 9);
-  the baseline ``read_contiguous`` emits none.
+  oversubscribed).
+* **No span work on the hot path.**  While READs are posted and polled the executor only
+  records ``time.monotonic_ns()`` stamps (it does that traced or not); every span -
+  ``kv.transfer`` included, with explicit start / end times - is built and emitted after
+  the poll loop and after D's notifications to P, so tracing never delays a READ or
+  P's lease release.  Attribute dicts are built only when the ``kv.transfer`` span
+  records (house rule 9); the emission time is in :class:`SpanCost` and
+  ``RequestResult.emit_ns``.  The baseline ``read_contiguous`` emits none.
 
 Notifications (D -> P): ``done:<request_id>`` (attached to the READ itself when there
 is exactly one READ for that peer, else sent after the last one) or
@@ -213,6 +219,8 @@ class RequestResult:
     t_end_ns: int
     notified: list[int] = field(default_factory=list)  # P ranks told done / fail
     polls: int = 0  # check_xfer_state rounds
+    t_notified_ns: int = 0  # after D's notifications to P (= t_end_ns when none)
+    emit_ns: int = 0  # building / emitting this request's spans, after t_notified_ns
 
     @property
     def seconds(self) -> float:
@@ -234,7 +242,9 @@ class RequestResult:
 
 @dataclass
 class SpanCost:
-    """Time spent creating / filling / ending spans on the read path (perf_counter ns)."""
+    """Time spent creating / filling / ending the read path's spans (perf_counter ns).
+
+    All of it is spent after a request's READs are DONE (see the module docstring)."""
 
     spans: int = 0
     ns: int = 0
@@ -246,12 +256,27 @@ class SpanCost:
 
 @dataclass
 class _Trace:
-    """Per-request span context handed to :meth:`NixlExecutor._run` (None = no spans)."""
+    """Per-request span context for the spans built after the transfer."""
 
     ctx: Context
     off: int  # time.time_ns() - time.monotonic_ns(): executor clock -> span clock
     request_id: str
     peer_engine_id: str
+
+
+@dataclass
+class _RunLog:
+    """What one request's read path saw, as plain monotonic stamps: spans are built
+    from it after the poll loop (and only when the tracer records)."""
+
+    # (t0, t1, read plan, READs) of each peer's block-id -> descriptor-id mapping
+    maps: list[tuple[int, int, ReadPlan, int]] = field(default_factory=list)
+    # (read, t_end) in the order outcomes were seen (DONE / ERR / post failure / abort)
+    reads: list[tuple[ReadResult, int]] = field(default_factory=list)
+    stall: tuple[int, int, int, str] | None = None  # t0, t1, READs pending, reason
+    abort: tuple[int, int, list[ReadResult], str] | None = None  # t0, t1, READs, reason
+    # (t0, t1, peer rank, peer engine id, error) per standalone notification
+    notifies: list[tuple[int, int, int, str, str]] = field(default_factory=list)
 
 
 _STATUS = {"DONE": "done", "ERR": "failed", "POST_FAILED": "failed", "TIMEOUT": "timeout",
@@ -492,38 +517,26 @@ class NixlExecutor:
         """Post every READ of ``plan``, poll until all are DONE or the deadline passes.
 
         Traced (when the tracer records) as a ``kv.transfer`` span holding one
-        ``desc_build scope=request`` span per peer and one ``kv.read`` span per READ."""
+        ``desc_build scope=request`` span per peer and one ``kv.read`` span per READ,
+        all built after the transfer from the stamps taken during it."""
         assert self.local_layout is not None and self.local_meta is not None
         t_start = time.monotonic_ns()
-        xfer = self.tracer.start_span(A.SPAN_KV_TRANSFER)
-        tr: _Trace | None = None
-        if xfer.is_recording():
-            c0 = time.perf_counter_ns()
-            # Span times come from our monotonic clock (the same one ReadResult uses),
-            # shifted once per request onto the wall clock OTel expects.
-            tr = _Trace(trace.set_span_in_context(xfer), time.time_ns() - time.monotonic_ns(),
-                        request_id, engine_id)
-            self.span_cost.ns += time.perf_counter_ns() - c0
+        log = _RunLog()
         jobs: list[tuple[_Peer, ReadPlan, int | None, list[int]]] = []
         for read in plan.reads:
             peer = self.peers.get((engine_id, read.prefill_rank))
             if peer is None:
-                xfer.end()
-                raise KeyError(
+                exc = KeyError(
                     f"no handshake with engine {engine_id!r} rank {read.prefill_rank}; "
                     f"known peers: {sorted(self.peers)}"
                 )
+                self._emit_failed_transfer(t_start, exc)
+                raise exc
             t_map = time.monotonic_ns()
             parts = split_units(read, self.local_layout, decode_block_ids, per_layer)
             for layer, idx in parts:
                 jobs.append((peer, read, layer, idx))
-            if tr is not None:
-                self._emit(A.SPAN_KV_DESC_BUILD, tr, t_map, time.monotonic_ns(), {
-                    A.REQUEST_ID: request_id, A.KV_DESC_SCOPE: "request", A.KV_VIEW: "all",
-                    A.KV_DESCRIPTORS: len(read.local_ids), A.KV_BYTES: read.bytes,
-                    A.KV_READS: len(parts), A.KV_RANK: self.local_meta.layout.rank,
-                    A.KV_PEER_RANK: read.prefill_rank, A.KV_PEER_ENGINE_ID: engine_id,
-                })
+            log.maps.append((t_map, time.monotonic_ns(), read, len(parts)))
         reads_per_peer: dict[str, int] = {}
         for peer, *_ in jobs:
             reads_per_peer[peer.agent] = reads_per_peer.get(peer.agent, 0) + 1
@@ -544,29 +557,11 @@ class NixlExecutor:
 
         try:
             out = self._run(request_id, jobs, post, reads_per_peer, timeout_s, notify,
-                            tr=tr, t_start=t_start)
+                            log=log, t_start=t_start)
         except BaseException as exc:
-            if xfer.is_recording():
-                A.mark_failed(xfer, _short_reason(exc), exc)
-            xfer.end()
+            self._emit_failed_transfer(t_start, exc)
             raise
-        if tr is not None:
-            c0 = time.perf_counter_ns()
-            xfer.set_attributes({
-                A.REQUEST_ID: request_id,
-                A.KV_RANK: self.local_meta.layout.rank, A.KV_TP_SIZE: self.local_meta.layout.tp,
-                A.KV_PEER_ENGINE_ID: engine_id, A.KV_BYTES: out.bytes,
-                A.KV_DESCRIPTORS: out.descriptors, A.KV_READS: len(out.reads),
-                A.KV_POLLS: out.polls, A.KV_BACKEND: BACKEND,
-                A.KV_STATUS: "done" if out.status == "ok" else "failed",
-            })
-            if out.status != "ok":
-                A.mark_failed(xfer, out.reason[:200])
-            xfer.end(end_time=time.monotonic_ns() + tr.off)
-            self.span_cost.spans += 1
-            self.span_cost.ns += time.perf_counter_ns() - c0
-        else:
-            xfer.end()
+        self._emit_transfer(out, log, engine_id)
         return out
 
     def read_contiguous(
@@ -598,7 +593,7 @@ class NixlExecutor:
             )
             return h, res
 
-        return self._run(request_id, jobs, post, {}, timeout_s, notify=False)
+        return self._run(request_id, jobs, post, {}, timeout_s, notify=False, log=_RunLog())
 
     def _run(
         self,
@@ -609,9 +604,10 @@ class NixlExecutor:
         timeout_s: float,
         notify: bool,
         *,
-        tr: _Trace | None = None,
+        log: _RunLog,
         t_start: int | None = None,
     ) -> RequestResult:
+        """Post, poll, abort, notify.  No span work here: only stamps go into ``log``."""
         t_start = time.monotonic_ns() if t_start is None else t_start
         deadline = t_start + int(timeout_s * 1e9)
         pending: list[tuple[Any, ReadResult, Any]] = []
@@ -629,8 +625,7 @@ class NixlExecutor:
                                  reason=f"posting READ to {peer_agent} failed: {exc}")
                 results.append(res)
                 failure = failure or res.reason
-                if tr is not None:
-                    self._emit_read(tr, res, time.monotonic_ns())
+                log.reads.append((res, time.monotonic_ns()))
                 break
             results.append(res)
             res.t_prev_poll_ns = res.t_post_ns
@@ -638,8 +633,7 @@ class NixlExecutor:
                 res.status, res.reason = "ERR", f"READ from {peer_agent} failed at post"
                 self._release(handle, res)
                 failure = failure or res.reason
-                if tr is not None:
-                    self._emit_read(tr, res, time.monotonic_ns())
+                log.reads.append((res, time.monotonic_ns()))
                 break
             pending.append((handle, res, peer_agent))
         # Poll round-robin until everything is DONE, one fails, or the deadline passes.
@@ -656,15 +650,13 @@ class NixlExecutor:
                     res.t_done_ns = now
                     res.status = "DONE"
                     self._finish(handle, res)
-                    if tr is not None:
-                        self._emit_read(tr, res, now)
+                    log.reads.append((res, now))
                 elif state == "ERR":
                     res.status = "ERR"
                     res.reason = f"READ of {res.bytes} B from {peer_agent} returned ERR"
                     failure = failure or res.reason
                     self._release(handle, res)
-                    if tr is not None:
-                        self._emit_read(tr, res, now)
+                    log.reads.append((res, now))
                 else:
                     res.t_prev_poll_ns = now
                     still.append((handle, res, peer_agent))
@@ -674,13 +666,7 @@ class NixlExecutor:
                     f"stall timeout: {len(pending)} READ(s) not done after {timeout_s:g} s "
                     f"(peers {sorted({p for _, _, p in pending})}); aborted"
                 )
-                if tr is not None:
-                    now = time.monotonic_ns()
-                    self._emit(A.SPAN_KV_STALL, tr, t_start, now, {
-                        A.REQUEST_ID: request_id, A.KV_READS: len(pending),
-                        A.KV_WAITED_MS: (now - t_start) / 1e6, A.KV_STATUS: "timeout",
-                        A.KV_FAILURE_REASON: failure[:200],
-                    }, fail="stall timeout")
+                log.stall = (t_start, time.monotonic_ns(), len(pending), failure)
                 break
             if pending:
                 os.sched_yield()  # 2 cores: give the peer's progress a chance
@@ -690,17 +676,9 @@ class NixlExecutor:
                 res.status = "TIMEOUT" if "timeout" in failure else "ABORTED"
                 res.reason = failure
                 self._release(handle, res)
-            if tr is not None:
-                now = time.monotonic_ns()
-                for _, res, _ in pending:
-                    self._emit_read(tr, res, now)
-                self._emit(A.SPAN_KV_ABORT, tr, t_abort, now, {
-                    A.REQUEST_ID: request_id, A.KV_READS: len(pending),
-                    A.KV_BYTES: sum(r.bytes for _, r, _ in pending),
-                    A.KV_WAITED_MS: (now - t_start) / 1e6,
-                    A.KV_STATUS: "timeout" if "timeout" in failure else "aborted",
-                    A.KV_FAILURE_REASON: failure[:200],
-                }, fail="timeout" if "timeout" in failure else "aborted")
+            now = time.monotonic_ns()
+            log.reads.extend((res, now) for _, res, _ in pending)
+            log.abort = (t_abort, now, [res for _, res, _ in pending], failure)
         t_end = time.monotonic_ns()
         out = RequestResult(
             request_id=request_id,
@@ -710,12 +688,85 @@ class NixlExecutor:
             t_start_ns=t_start,
             t_end_ns=t_end,
             polls=polls,
+            t_notified_ns=t_end,
         )
         if notify:
-            self._notify(out, jobs, reads_per_peer, tr)
+            self._notify(out, jobs, reads_per_peer, log)
+            out.t_notified_ns = time.monotonic_ns()
         return out
 
-    # -- spans --------------------------------------------------------------------------
+    # -- spans (built after the transfer) -----------------------------------------------
+    def _emit_failed_transfer(self, t_start: int, exc: BaseException) -> None:
+        """A ``kv.transfer`` span for a request that raised (marked failed when recording;
+        the caller re-raises)."""
+        off = time.time_ns() - time.monotonic_ns()
+        xfer = self.tracer.start_span(A.SPAN_KV_TRANSFER, start_time=t_start + off)
+        if xfer.is_recording():
+            A.mark_failed(xfer, _short_reason(exc), exc)
+        xfer.end()
+
+    def _emit_transfer(self, out: RequestResult, log: _RunLog, engine_id: str) -> None:
+        """The request's span tree from ``log``: ``kv.transfer`` (start = the request's
+        start, end = after the notifications) with its children."""
+        c0 = time.perf_counter_ns()
+        off = time.time_ns() - time.monotonic_ns()  # executor clock -> span clock
+        xfer = self.tracer.start_span(A.SPAN_KV_TRANSFER, start_time=out.t_start_ns + off)
+        if not xfer.is_recording():
+            xfer.end()
+            return
+        assert self.local_meta is not None
+        tr = _Trace(trace.set_span_in_context(xfer), off, out.request_id, engine_id)
+        rank = self.local_meta.layout.rank
+        n = 1
+        for t0, t1, read, parts in log.maps:
+            self._emit(A.SPAN_KV_DESC_BUILD, tr, t0, t1, {
+                A.REQUEST_ID: out.request_id, A.KV_DESC_SCOPE: "request", A.KV_VIEW: "all",
+                A.KV_DESCRIPTORS: len(read.local_ids), A.KV_BYTES: read.bytes,
+                A.KV_READS: parts, A.KV_RANK: rank,
+                A.KV_PEER_RANK: read.prefill_rank, A.KV_PEER_ENGINE_ID: engine_id,
+            })
+        for res, t_end in log.reads:
+            self._emit_read(tr, res, t_end)
+        if log.stall is not None:
+            t0, t1, npending, reason = log.stall
+            self._emit(A.SPAN_KV_STALL, tr, t0, t1, {
+                A.REQUEST_ID: out.request_id, A.KV_READS: npending,
+                A.KV_WAITED_MS: (t1 - t0) / 1e6, A.KV_STATUS: "timeout",
+                A.KV_FAILURE_REASON: reason[:200],
+            }, fail="stall timeout")
+        if log.abort is not None:
+            t0, t1, aborted, reason = log.abort
+            status = "timeout" if "timeout" in reason else "aborted"
+            self._emit(A.SPAN_KV_ABORT, tr, t0, t1, {
+                A.REQUEST_ID: out.request_id, A.KV_READS: len(aborted),
+                A.KV_BYTES: sum(r.bytes for r in aborted),
+                A.KV_WAITED_MS: (t1 - out.t_start_ns) / 1e6,
+                A.KV_STATUS: status, A.KV_FAILURE_REASON: reason[:200],
+            }, fail=status)
+        for t0, t1, peer_rank, peer_engine, err in log.notifies:
+            self._emit(A.SPAN_KV_NOTIFY, tr, t0, t1, {
+                A.REQUEST_ID: out.request_id, A.KV_PEER_RANK: peer_rank,
+                A.KV_PEER_ENGINE_ID: peer_engine,
+                A.KV_STATUS: "done" if out.status == "ok" else "failed",
+                **({A.KV_FAILURE_REASON: err} if err else {}),
+            }, fail="notify failed" if err else "")
+        n += len(log.maps) + len(log.reads) + len(log.notifies)
+        n += (log.stall is not None) + (log.abort is not None)
+        xfer.set_attributes({
+            A.REQUEST_ID: out.request_id,
+            A.KV_RANK: rank, A.KV_TP_SIZE: self.local_meta.layout.tp,
+            A.KV_PEER_ENGINE_ID: engine_id, A.KV_BYTES: out.bytes,
+            A.KV_DESCRIPTORS: out.descriptors, A.KV_READS: len(out.reads),
+            A.KV_POLLS: out.polls, A.KV_BACKEND: BACKEND,
+            A.KV_STATUS: "done" if out.status == "ok" else "failed",
+        })
+        if out.status != "ok":
+            A.mark_failed(xfer, out.reason[:200])
+        xfer.end(end_time=out.t_notified_ns + off)
+        out.emit_ns = time.perf_counter_ns() - c0
+        self.span_cost.spans += n
+        self.span_cost.ns += out.emit_ns
+
     def _emit(
         self, name: str, tr: _Trace, t0: int, t1: int, attrs: Mapping[str, A.AttrValue],
         fail: str = "",
@@ -723,15 +774,12 @@ class NixlExecutor:
         """One finished span from executor-clock times ``t0``..``t1`` (monotonic ns).
 
         Only called when the request's transfer span records, so the attribute dicts
-        are never built for a no-op tracer.  Its cost is what ``span_cost`` reports."""
-        c0 = time.perf_counter_ns()
+        are never built for a no-op tracer."""
         span = self.tracer.start_span(name, context=tr.ctx, start_time=t0 + tr.off)
         if fail:  # first, so that our kv.status / kv.failure_reason below win
             A.mark_failed(span, fail)
         span.set_attributes(attrs)
         span.end(end_time=t1 + tr.off)
-        self.span_cost.spans += 1
-        self.span_cost.ns += time.perf_counter_ns() - c0
 
     def _emit_read(self, tr: _Trace, res: ReadResult, t_end: int) -> None:
         assert self.local_meta is not None
@@ -781,7 +829,7 @@ class NixlExecutor:
 
     def _notify(
         self, out: RequestResult, jobs: Sequence[Any], per_peer: Mapping[str, int],
-        tr: _Trace | None = None,
+        log: _RunLog,
     ) -> None:
         peers = {job[0].agent: job[0] for job in jobs}
         for agent, peer in peers.items():
@@ -800,13 +848,8 @@ class NixlExecutor:
             except Exception as exc:  # dead peer: its lease timeout frees the blocks
                 out.reason += f"; notify {agent} failed: {exc}"
                 err = _short_reason(exc)
-            if tr is not None:
-                self._emit(A.SPAN_KV_NOTIFY, tr, t0, time.monotonic_ns(), {
-                    A.REQUEST_ID: out.request_id, A.KV_PEER_RANK: peer.meta.layout.rank,
-                    A.KV_PEER_ENGINE_ID: peer.meta.engine_id,
-                    A.KV_STATUS: "done" if out.status == "ok" else "failed",
-                    **({A.KV_FAILURE_REASON: err} if err else {}),
-                }, fail="notify failed" if err else "")
+            log.notifies.append((t0, time.monotonic_ns(), peer.meta.layout.rank,
+                                 peer.meta.engine_id, err))
 
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
