@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import ROTEL, Rotel
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +36,15 @@ def bench_spans_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and db.exists(), f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return db
+
+
+@pytest.fixture(scope="module")
+def rotel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rotel]:
+    """A real OTLP receiver (the ``rotel`` collector from PyPI, test extra)."""
+    if ROTEL is None:
+        if os.environ.get("CI"):  # CI installs the test extra: a missing rotel is a failure
+            pytest.fail("rotel collector binary not found: pip install -e '.[test]'")
+        pytest.skip("rotel collector binary not found (pip install rotel)")
+    r = Rotel(tmp_path_factory.mktemp("rotel"))
+    yield r
+    r.stop()

@@ -15,12 +15,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROTEL, Rotel
+from helpers import Rotel
 
 from hybrid_pd.connector import bench
 from hybrid_pd.connector.bench import parse_telemetry
@@ -36,13 +35,6 @@ OVERHEAD_FIELDS = (
 )
 
 
-@pytest.fixture(scope="module")
-def rotel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rotel]:
-    if ROTEL is None:
-        pytest.skip("rotel collector binary not found (pip install rotel)")
-    r = Rotel(tmp_path_factory.mktemp("rotel"))
-    yield r
-    r.stop()
 
 
 @pytest.mark.nixl

@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROTEL, Rotel, free_port
+from helpers import Rotel, free_port
 
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import setup as S
@@ -58,13 +57,6 @@ def sqlite_spans(db: Path, run: str) -> dict[str, tuple[str, str | None, str]]:
 # ----------------------------------------------------------------------------- rotel
 
 
-@pytest.fixture(scope="module")
-def rotel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rotel]:
-    if ROTEL is None:
-        pytest.skip("rotel collector binary not found (pip install rotel)")
-    r = Rotel(tmp_path_factory.mktemp("rotel"))
-    yield r
-    r.stop()
 
 
 def test_same_spans_arrive_over_grpc_and_http(rotel: Rotel, tmp_path: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,22 @@ def assert_descriptor_builds(db: Path, connector: str) -> None:
     handshakes = [r for r in _rows(db, "SELECT * FROM spans WHERE name = ?", A.SPAN_KV_HANDSHAKE)
                   if _connector(r) == connector]
     assert handshakes and all(h["role"] == "decode" and h["status"] != "ERROR" for h in handshakes)
+
+
+def wait_failed_spans(db: Path, name: str, request_part: str | None,
+                      bound: float = 15.0) -> list[dict]:
+    """ERROR spans called ``name`` whose request id contains ``request_part`` (None: spans
+    of no request, e.g. handshakes); the engines' span batches leave every 0.5 s, so poll
+    up to ``bound`` seconds."""
+    t0 = time.monotonic()
+    where = "request_id IS NULL" if request_part is None else "request_id LIKE ?"
+    args = () if request_part is None else (f"%{request_part}%",)
+    while True:
+        rows = []
+        if db.exists():
+            rows = [dict(r) for r in _rows(
+                db, f"SELECT * FROM spans WHERE name = ? AND status = 'ERROR' AND {where}",
+                name, *args)]
+        if rows or time.monotonic() - t0 > bound:
+            return rows
+        time.sleep(0.5)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -41,9 +42,11 @@ import psutil
 import pytest
 from helpers import free_port
 
+from e2e import span_checks
 from hybrid_pd import launch
 from hybrid_pd.metrics import scrape_gauges, scrape_nixl_metrics
 from hybrid_pd.proxy import decode_request, prefill_request
+from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -84,6 +87,10 @@ class Pair:
     prefill: str
     decode: str
 
+    @property
+    def db(self) -> Path:
+        return self.run_dir / "telemetry.db"
+
     def child(self, name: str) -> launch.Child:
         return next(c for c in self.sup.children if c.name == name)
 
@@ -101,11 +108,12 @@ def running_pair(tmp: Path, name: str, *, kv_extra: tuple = (), extra_env: tuple
     ports = launch.Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
                          prefill_side_channel=free_port(), decode_side_channel=free_port())
     kv = (("kv_lease_duration", LEASE_S), *kv_extra)  # over launch's default_kv_extra
+    run_dir = tmp / name
     cfg = launch.LaunchConfig(
         model=str(model), connector="hybrid", kv_extra=kv, extra_env=extra_env,
         engine_args=engine_args_for(str(model), ("--served-model-name", SERVED)),
+        telemetry_db=str(run_dir / "telemetry.db"),
     )
-    run_dir = tmp / name
     sup = launch.build_supervisor(cfg, run_dir, ports)
     if decode_model is not None:
         cmd = next(c for c in sup.children if c.name == "decode").cmd
@@ -224,13 +232,20 @@ def test_refused_handshake_fails_request_and_frees_blocks(tiny_models, tmp_path,
                       decode_model=tiny_models["tiny-nemotron-h-g1"], kv_extra=kv_extra) as pair, \
             httpx.Client(timeout=30) as c:
         p_before = scrape_nixl_metrics(c, pair.prefill)
-        r, elapsed = timed_post(c, pair.proxy, body(prompt(PROMPT_TOKENS, salt=1)), ERROR_BOUND_S)
+        rid = f"fault-refused-{uuid.uuid4().hex[:8]}"
+        r, elapsed = timed_post(c, pair.proxy, body(prompt(PROMPT_TOKENS, salt=1)), ERROR_BOUND_S,
+                                rid)
         d_log = pair.log("decode")
         assert_error(r, elapsed, ERROR_BOUND_S, "request with a refused handshake", d_log)
         assert r.json()["error"]["message"].startswith("decode engine: HTTP 5"), r.text
         print(f"\n[{case}] proxy answered {r.status_code} after {elapsed:.2f} s: {r.text}")
         assert re.search(expected, d_log), f"D's log does not name the mismatch:\n{d_log[-4000:]}"
         assert "handshake_failed" in d_log, d_log[-4000:]
+        # failure spans: the refused handshake, and the request's transfer (its trace)
+        (xfer,) = span_checks.wait_failed_spans(pair.db, A.SPAN_KV_TRANSFER, rid)
+        assert "handshake" in json.loads(xfer["attributes"])[A.KV_FAILURE_REASON], xfer
+        shakes = span_checks.wait_failed_spans(pair.db, A.SPAN_KV_HANDSHAKE, None)
+        assert shakes and re.search(expected, shakes[0]["status_message"] or ""), shakes
         print("\n".join(line[:400] for line in d_log.splitlines()
                         if re.search(expected, line) or "handshake_failed" in line))
         assert_serves(c, pair.decode, "D")
@@ -297,6 +312,12 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
             pair.signal("prefill", signal.SIGCONT)
         failed = scrape_nixl_metrics(c, pair.decode).failed - d_before.failed
         assert failed >= 1, f"D's vllm:nixl_num_failed_transfers did not count the abort: +{failed}"
+        # failure spans: the abort (timeout), the READ and the transfer marked failed
+        (abort,) = span_checks.wait_failed_spans(pair.db, A.SPAN_KV_ABORT, rid)
+        attrs = json.loads(abort["attributes"])
+        assert attrs[A.KV_STATUS] == "timeout" and attrs[A.KV_WAITED_MS] >= READ_TIMEOUT_S * 1e3, attrs
+        assert span_checks.wait_failed_spans(pair.db, A.SPAN_KV_READ, rid)
+        assert span_checks.wait_failed_spans(pair.db, A.SPAN_KV_TRANSFER, rid)
         # P and D serve P/D again, with D's own tokens for the same (sub-block) prompt
         assert assert_serves(c, pair.proxy, "P/D", salt=6) == assert_serves(c, pair.decode, "D", salt=6)
         idle = wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode})
@@ -369,5 +390,7 @@ def test_prefill_killed_during_and_before_read(tcp_pair):
                 f"D's log has no transfer failure for {rid}:\n{request_lines(d_log, rid)}")
         failed = scrape_nixl_metrics(c, pair.decode).failed - d_before.failed
         assert failed >= 2, f"D's vllm:nixl_num_failed_transfers: +{failed}, expected +2"
+        for rid in (inflight, early):  # failure spans for both requests
+            assert span_checks.wait_failed_spans(pair.db, A.SPAN_KV_TRANSFER, rid), rid
         assert_serves(c, pair.decode, "D (P dead)")
         wait_idle(c, {"decode": pair.decode})
