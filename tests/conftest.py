@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from helpers import ROTEL, Rotel
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +51,12 @@ def rotel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rotel]:
     r = Rotel(tmp_path_factory.mktemp("rotel"))
     yield r
     r.stop()
+
+
+@pytest.fixture
+def mem() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A private tracer provider recording into memory: (provider, exporter)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter

@@ -7,8 +7,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from hybrid_pd.proxy import ProxyConfig, create_app
@@ -18,14 +16,6 @@ from tests.test_proxy import FakeEngines
 P, D = "http://p", "http://d"
 CALLER_TRACE = "a" * 32
 CALLER_SPAN = "b" * 16
-
-
-@pytest.fixture
-def mem() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 def client(engines: FakeEngines, provider: TracerProvider) -> TestClient:

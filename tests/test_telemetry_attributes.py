@@ -10,7 +10,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
@@ -27,14 +26,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "telemetry.md"
 def _no_leftover_config():
     yield
     S.shutdown()  # configure_tracing is process-global: never leak one into the next test
-
-
-@pytest.fixture
-def mem() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 # ------------------------------------------------------------------------ the registries

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,28 @@ from hybrid_pd.connector.nixl_executor import parse_granularity
 from hybrid_pd.connector.plan_cli import add_request_args
 
 
-def _granularity(value: str) -> str:
-    try:
-        parse_granularity(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return value
+def _validated(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse ``type`` that keeps the string and turns ``parse``'s ValueError into
+    argparse's usage error (the message names the flag and the accepted values)."""
+
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        return value
+
+    return check
 
 
-def _telemetry(value: str) -> str:
-    from hybrid_pd.connector.bench import parse_telemetry
+def _parse_telemetry(value: str) -> object:
+    from hybrid_pd.connector.bench import parse_telemetry  # heavy: only when the flag is used
 
-    try:
-        parse_telemetry(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return value
+    return parse_telemetry(value)
+
+
+_granularity = _validated(parse_granularity)
+_telemetry = _validated(_parse_telemetry)
 
 
 def add_parser(subparsers: Any) -> None:

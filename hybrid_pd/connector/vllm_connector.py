@@ -486,12 +486,13 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
             num_tokens=snap.num_tokens,
             block_size=local.layout.block_size,
         )
+        decode_ids = vm.reorder(aligned.decode_block_ids, self._hy_perm)
         plan = plan_request(
             spec=self._hy_spec,
             decode=local.layout,
             prefill=remote.layout,
             decode_rank=self.tp_rank,
-            decode_block_ids=vm.reorder(aligned.decode_block_ids, self._hy_perm),
+            decode_block_ids=decode_ids,
             prefill_block_ids=vm.reorder(aligned.prefill_block_ids, self._hy_perm),
             num_tokens=aligned.num_tokens,
             decode_region_lens=local.lens,
@@ -501,13 +502,13 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
             merge=False,
         )
         lids, rids = vm.read_ids(plan, rank)
+        rank_bytes = sum(r.bytes for r in plan.reads if r.prefill_rank == rank)
         # for the request-scope desc_build span (vllm_tracing): planning time and size
-        self._hy_last_plan = (t_plan, time.time_ns(),
-                              sum(r.bytes for r in plan.reads if r.prefill_rank == rank), len(lids))
+        self._hy_last_plan = (t_plan, time.time_ns(), rank_bytes, len(lids))
         logger.info(
             "hybrid connector: req %s P rank %d -> D rank %d: %d of %d B in %d of %d "
             "descriptors (%d tokens, P TP%d D TP%d)\n%s",
-            request_id, rank, self.tp_rank, sum(r.bytes for r in plan.reads if r.prefill_rank == rank),
+            request_id, rank, self.tp_rank, rank_bytes,
             plan.bytes, len(lids), plan.descriptors, aligned.num_tokens, remote.layout.tp,
             local.layout.tp, render_plan(plan, 4),
         )
@@ -527,8 +528,7 @@ class _HybridWorkerCore(NixlPullConnectorWorker):
             self._hy_requests += 1
         if per_layer_for(self._hy_granularity, self._hy_index[request_id]):
             read = next(r for r in plan.reads if r.prefill_rank == rank)
-            parts = split_units(read, local.layout,
-                                vm.reorder(aligned.decode_block_ids, self._hy_perm), True)
+            parts = split_units(read, local.layout, decode_ids, True)
             return self._hy_read_layers(read, parts, dst_engine_id, request_id, rank, kwargs)
         self._hy_ids = (np.asarray(rids, dtype=np.int64), np.asarray(lids, dtype=np.int64))
         try:

@@ -61,8 +61,8 @@ TIMEOUT_KEY = "hybrid_read_timeout_s"
 
 def _desc_stats(descs: Any) -> tuple[int, int]:
     """(count, bytes) of an Nx3 (addr, len, dev) descriptor array or list."""
-    arr = np.asarray(descs, dtype=np.uint64).reshape(-1, 3) if len(descs) else np.zeros((0, 3))
-    return int(arr.shape[0]), int(arr[:, 1].sum()) if arr.shape[0] else 0
+    arr = np.asarray(descs, dtype=np.uint64).reshape(-1, 3)
+    return int(arr.shape[0]), int(arr[:, 1].sum())
 
 
 # ------------------------------------------------------------------------------ scheduler

@@ -11,7 +11,7 @@ no provider is built and every span call is OpenTelemetry's no-op (one attribute
 
 The request's trace crosses processes inside ``kv_transfer_params`` (the only per-request
 channel a KV connector sees): the proxy adds ``{"hybrid_pd_trace": {"traceparent": ...,
-"request_id": ...}}`` (:func:`trace_params`), the connector's scheduler copies it into the
+"request_id": ...}}`` (``proxy.with_trace``), the connector's scheduler copies it into the
 connector metadata, and the worker parents its spans on it (:func:`context_of`).  W3C
 ``traceparent`` text, never pickle.
 """
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -75,16 +75,6 @@ def engine_tracer(engine_id: str | None = None) -> trace.Tracer:
         return _tracer
 
 
-def trace_params(request_id: str, context: Context | None = None) -> dict[str, str]:
-    """What the proxy puts under ``kv_transfer_params[PARAMS_KEY]``: the current span's
-    ``traceparent`` (and ``tracestate``) plus the proxy's request id."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=context)
-    out = {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
-    out["request_id"] = request_id
-    return out
-
-
 def from_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
     """The trace hand-off from a request's ``kv_transfer_params`` (None if absent/bad)."""
     if not params:
@@ -102,9 +92,3 @@ def context_of(info: Mapping[str, str] | None) -> Context | None:
     if not info or "traceparent" not in info:
         return None
     return _W3C.extract(dict(info))
-
-
-def reset_for_tests() -> None:
-    global _tracer
-    with _lock:
-        _tracer = None
