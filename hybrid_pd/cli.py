@@ -14,8 +14,8 @@ _COMMANDS: dict[str, str] = {
     "proxy": "hybrid_pd.proxy",
     "demo": "hybrid_pd.demo",
     "patches": "hybrid_pd.engine_patches.cli",
-    "plan": "hybrid_pd.connector.plan_cli",
-    "bench": "hybrid_pd.connector.bench_cli",
+    "plan": "hybrid_pd.planner.cli",
+    "bench": "hybrid_pd.bench.cli",
     "dashboard": "hybrid_pd.dashboard.cli",
 }
 

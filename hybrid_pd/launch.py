@@ -430,7 +430,7 @@ def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ..
             raise SystemExit(f"--kv-read-timeout must be > 0 seconds, got {args.kv_read_timeout}")
         out.append(("hybrid_read_timeout_s", args.kv_read_timeout))
     if args.kv_read_granularity is not None:
-        from hybrid_pd.connector.nixl_executor import parse_granularity
+        from hybrid_pd.transfer.executor import parse_granularity
 
         try:
             parse_granularity(args.kv_read_granularity)

@@ -1,7 +1,7 @@
-"""Reference resharder (re-export): the oracle lives in :mod:`hybrid_pd.connector.reshard`
+"""Reference resharder (re-export): the oracle lives in :mod:`hybrid_pd.planner.reshard`
 so that the NIXL bench's rank processes can use it at runtime.  No GPU or NIXL required."""
 
-from hybrid_pd.connector.reshard import (
+from hybrid_pd.planner.reshard import (
     FILL,
     FullState,
     RankPages,

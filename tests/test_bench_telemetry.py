@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from helpers import Rotel
 
-from hybrid_pd.connector import bench
-from hybrid_pd.connector.bench import parse_telemetry
+from hybrid_pd.bench import runner as bench
+from hybrid_pd.bench.runner import parse_telemetry
 from hybrid_pd.telemetry import attributes as A
 
 HERE = Path(__file__).parent

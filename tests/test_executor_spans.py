@@ -1,7 +1,7 @@
 """Executor spans with InMemorySpanExporter: real NIXL READs in one process, plus a fake
 agent for the stall / abort / refusal paths.
 
-The real tests put a P rank and its D ranks (bench_worker.Rank: real HMA regions filled
+The real tests put a P rank and its D ranks (bench.worker.Rank: real HMA regions filled
 from the reference state, byte-verified) in this process, so the spans land in an
 in-memory exporter; a thread polls P's agent for notifications.  NIXL required for those
 (marker ``nixl``); the fake-agent tests need no NIXL.
@@ -27,10 +27,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
-from hybrid_pd.connector import handshake as hs
-from hybrid_pd.connector.bench import BenchCase, build_case, make_init
-from hybrid_pd.connector.nixl_executor import NixlExecutor
+from hybrid_pd.bench.runner import BenchCase, build_case, make_init
 from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.transfer import handshake as hs
+from hybrid_pd.transfer.executor import NixlExecutor
 
 HERE = Path(__file__).parent
 TINY = json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text())
@@ -56,7 +56,7 @@ class Pair:
     """P rank 0 and every D rank of a (1, d_tp) case in this process, handshakes done."""
 
     def __init__(self, d_tp: int) -> None:
-        from hybrid_pd.connector.bench_worker import Rank
+        from hybrid_pd.bench.worker import Rank
 
         self.tracer, self.exporter = mem_tracer()
         self.init = make_init(TINY, prefill_tp=1, decode_tp=d_tp, num_tokens=40, timeout_s=20)

@@ -11,9 +11,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from hybrid_pd.connector import handshake as hs
-from hybrid_pd.connector.layout import build_engine_layout
-from hybrid_pd.connector.model_spec import spec_from_hf_config
+from hybrid_pd.planner.layout import build_engine_layout
+from hybrid_pd.planner.model_spec import spec_from_hf_config
+from hybrid_pd.transfer import handshake as hs
 
 HERE = Path(__file__).parent
 TINY = spec_from_hf_config(json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text()))

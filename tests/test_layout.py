@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybrid_pd.connector.layout import (
+from hybrid_pd.planner.layout import (
     build_engine_layout,
     hma_block_size,
     hma_groups,
@@ -24,7 +24,7 @@ from hybrid_pd.connector.layout import (
     unit_holders,
     vllm_cpu_block_sizes,
 )
-from hybrid_pd.connector.model_spec import spec_from_hf_config
+from hybrid_pd.planner.model_spec import spec_from_hf_config
 
 TINY = spec_from_hf_config(
     json.loads((Path(__file__).parent / "data" / "tiny_nemotron_h_config.json").read_text())

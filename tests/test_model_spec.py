@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_pd.connector.model_spec import (
+from hybrid_pd.planner.model_spec import (
     DTYPE_SIZES,
     LayerKind,
     dtype_size,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_pd.connector.bench import BenchSession, build_case, make_init
-from hybrid_pd.connector.nixl_executor import (
+from hybrid_pd.bench.runner import BenchSession, build_case, make_init
+from hybrid_pd.transfer.executor import (
     LeaseTable,
     layer_of_units,
     parse_granularity,
@@ -91,7 +91,7 @@ def test_lease_table() -> None:
 
 
 def test_cli_mismatch_exits_nonzero(monkeypatch, capsys) -> None:
-    import hybrid_pd.connector.bench as bench
+    import hybrid_pd.bench.runner as bench
     from hybrid_pd.cli import main
 
     def fake(init):

@@ -18,15 +18,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference_reshard import apply_plan, compare, make_full_state, shard_rank
 
-from hybrid_pd.connector.layout import (
+from hybrid_pd.planner.layout import (
     ConvLayout,
     EngineLayout,
     FaLayout,
     build_engine_layout,
     cdiv,
 )
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
-from hybrid_pd.connector.plan import (
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.planner.plan import (
     dual_view,
     merge_descs,
     peer_templates,

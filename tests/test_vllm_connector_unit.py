@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from hybrid_pd.connector import vllm_mapping as vm
-from hybrid_pd.connector.layout import build_engine_layout
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
-from hybrid_pd.connector.plan import dual_view, peer_templates, plan_request
+from hybrid_pd.planner.layout import build_engine_layout
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.plan import dual_view, peer_templates, plan_request
 
 A, M, X = LayerKind.ATTENTION, LayerKind.MAMBA, LayerKind.OTHER
 

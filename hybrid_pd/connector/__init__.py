@@ -1,1 +1,3 @@
-"""Layout and descriptor planner (pure), NIXL executor, and the vLLM KV connector."""
+"""The vLLM integration: ``HybridNixlConnector`` (our worker behind upstream's pull
+connector), the vLLM-to-planner block-id mapping, the checked upstream contract and the
+spans from inside the engines."""

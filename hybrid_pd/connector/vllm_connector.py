@@ -14,11 +14,11 @@ What is ours, through these override points of ``NixlBaseConnectorWorker`` /
 ``NixlPullConnectorWorker`` (each one named after the upstream method it replaces):
 
 * ``register_kv_caches`` (wraps upstream's): before upstream registers, derive our
-  :class:`~hybrid_pd.connector.layout.EngineLayout` from the real kv_caches tensors,
+  :class:`~hybrid_pd.planner.layout.EngineLayout` from the real kv_caches tensors,
   the KV-cache specs and vllm_config, and cross-check it against
   ``layout.build_engine_layout`` (``ValueError`` naming both on any difference).
 * ``_build_fa_local`` / ``_build_mamba_local``: the local descriptor list is the FA and
-  Mamba sections of our :func:`~hybrid_pd.connector.plan.dual_view` (upstream: one
+  Mamba sections of our :func:`~hybrid_pd.planner.plan.dual_view` (upstream: one
   descriptor per kernel block per region, and x|B|C|ssm = 4 per Mamba block per
   region, also for equal TP).
 * ``_build_fa_remote`` / ``_build_mamba_remote``: the same for each P rank's side, from
@@ -26,7 +26,7 @@ What is ours, through these override points of ``NixlBaseConnectorWorker`` /
   advertised sizes; P's regions are matched to ours by their layer names), with the
   template of that (D rank, P rank) pair.
 * ``add_remote_agent`` (wraps upstream's): derives P's layout and this D rank's
-  per-peer templates (:func:`~hybrid_pd.connector.plan.peer_templates`) before upstream
+  per-peer templates (:func:`~hybrid_pd.planner.plan.peer_templates`) before upstream
   builds anything, and with heterogeneous TP preps one local handle per P rank from our
   local dual view for that peer (D's memory seen through that peer's runs).
 * ``_build_local_splits_from_plan`` (P_TP > D_TP only, called by upstream's
@@ -39,7 +39,7 @@ What is ours, through these override points of ``NixlBaseConnectorWorker`` /
   upstream rewrites ``meta.remote.block_ids`` in place.  Upstream calls ``_read_blocks``
   once per P rank in ``all_source_ranks``: one READ per (D rank, P rank) per request.
 * ``_read_blocks`` (wraps upstream's): plans the request with
-  :func:`~hybrid_pd.connector.plan.plan_request` (FA: only kernel blocks holding
+  :func:`~hybrid_pd.planner.plan.plan_request` (FA: only kernel blocks holding
   computed tokens; Mamba: conv + ssm, never the HMA padding), then runs upstream's
   posting code (notif, ``make_prepped_xfer``, failure paths) unchanged; with
   heterogeneous TP it passes our per-peer local handle for that P rank, and a P rank
@@ -86,10 +86,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.tp_mapping import (
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from hybrid_pd.connector import vllm_mapping as vm
-from hybrid_pd.connector.layout import EngineLayout, build_engine_layout
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
-from hybrid_pd.connector.nixl_executor import parse_granularity, per_layer_for, split_units
-from hybrid_pd.connector.plan import (
+from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
+from hybrid_pd.planner.layout import EngineLayout, build_engine_layout
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.planner.plan import (
     PeerTemplate,
     dual_view,
     peer_templates,
@@ -97,7 +97,7 @@ from hybrid_pd.connector.plan import (
     render_plan,
     to_addr_descs,
 )
-from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
+from hybrid_pd.transfer.executor import parse_granularity, per_layer_for, split_units
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -28,9 +28,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hybrid_pd.connector.layout import EngineLayout, KVCacheGroup
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
-from hybrid_pd.connector.plan import PeerTemplate, RequestPlan
+from hybrid_pd.planner.layout import EngineLayout, KVCacheGroup
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.plan import PeerTemplate, RequestPlan
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 

@@ -2,7 +2,7 @@
 rank processes and D_TP decode rank processes on loopback, byte-verified, timed side by
 side with a raw contiguous READ of the same bytes.
 
-The coordinator (this module) starts the rank processes (:mod:`bench_worker`), relays
+The coordinator (this module) starts the rank processes (:mod:`hybrid_pd.bench.worker`), relays
 their handshake metadata (msgspec msgpack over a local socket, never pickle) and drives
 requests.  For every request it runs, on every D rank at once, a baseline READ (one
 contiguous descriptor per peer, same bytes per peer) and the hybrid READ(s), in
@@ -57,11 +57,11 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hybrid_pd.connector import wire
-from hybrid_pd.connector.layout import ConvLayout, EngineLayout, build_engine_layout, cdiv
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
-from hybrid_pd.connector.nixl_executor import parse_granularity, per_layer_for
-from hybrid_pd.connector.plan import RequestPlan, plan_request
+from hybrid_pd.planner.layout import ConvLayout, EngineLayout, build_engine_layout, cdiv
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.planner.plan import RequestPlan, plan_request
+from hybrid_pd.transfer import wire
+from hybrid_pd.transfer.executor import parse_granularity, per_layer_for
 
 TELEMETRY_MODES = ("off", "sqlite", "sqlite+otlp")
 TELEMETRY_COMPARE = ("off", "sqlite", "sqlite+otlp")  # what "compare" stands for
@@ -204,7 +204,7 @@ class BenchSession:
         try:
             for role, tp in (("prefill", self.init["prefill_tp"]), ("decode", self.init["decode_tp"])):
                 for rank in range(int(tp)):
-                    cmd = [sys.executable, "-m", "hybrid_pd.connector.bench_worker",
+                    cmd = [sys.executable, "-m", "hybrid_pd.bench.worker",
                            host, str(port), role, str(rank)]
                     popen = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
                     self.procs.append(_Proc(role, rank, popen))

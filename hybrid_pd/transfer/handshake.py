@@ -21,14 +21,14 @@ import hashlib
 
 import msgspec
 
-from hybrid_pd.connector.layout import (
+from hybrid_pd.planner.layout import (
     ConvLayout,
     EngineLayout,
     FaLayout,
     build_engine_layout,
     validate_layout,
 )
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
 
 PROTOCOL_VERSION = 1
 

@@ -68,10 +68,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 
-from hybrid_pd.connector import handshake as hs
-from hybrid_pd.connector.layout import EngineLayout
-from hybrid_pd.connector.model_spec import HybridModelSpec
-from hybrid_pd.connector.plan import (
+from hybrid_pd.planner.layout import EngineLayout
+from hybrid_pd.planner.model_spec import HybridModelSpec
+from hybrid_pd.planner.plan import (
     Desc,
     ReadPlan,
     RequestPlan,
@@ -81,6 +80,7 @@ from hybrid_pd.connector.plan import (
     to_addr_descs,
 )
 from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.transfer import handshake as hs
 
 Mode = Literal["prepped", "dlist"]
 

@@ -1,4 +1,4 @@
-"""``hybrid-pd bench``: argument parsing and output for :mod:`hybrid_pd.connector.bench`."""
+"""``hybrid-pd bench``: argument parsing and output for :mod:`hybrid_pd.bench.runner`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hybrid_pd.connector.nixl_executor import parse_granularity
-from hybrid_pd.connector.plan_cli import add_request_args
+from hybrid_pd.planner.cli import add_request_args
+from hybrid_pd.transfer.executor import parse_granularity
 
 
 def _validated(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -30,7 +30,7 @@ def _validated(parse: Callable[[str], object]) -> Callable[[str], str]:
 
 
 def _parse_telemetry(value: str) -> object:
-    from hybrid_pd.connector.bench import parse_telemetry  # heavy: only when the flag is used
+    from hybrid_pd.bench.runner import parse_telemetry  # heavy: only when the flag is used
 
     return parse_telemetry(value)
 
@@ -75,7 +75,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _telemetry_db(args: argparse.Namespace) -> str | None:
     """The span database path (made absolute: rank processes may run elsewhere)."""
-    from hybrid_pd.connector.bench import parse_telemetry
+    from hybrid_pd.bench.runner import parse_telemetry
 
     modes = parse_telemetry(args.telemetry)
     if modes == ("off",):
@@ -93,7 +93,7 @@ def _telemetry_db(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrid_pd.connector.bench import BenchError, make_init, run_bench
+    from hybrid_pd.bench.runner import BenchError, make_init, run_bench
 
     try:
         with open(args.config, encoding="utf-8") as f:

@@ -12,9 +12,9 @@ import json
 import sys
 from typing import Any
 
-from hybrid_pd.connector.layout import ConvLayout, EngineLayout, build_engine_layout, cdiv
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
-from hybrid_pd.connector.plan import plan_request, rank_costs, render_plan
+from hybrid_pd.planner.layout import ConvLayout, EngineLayout, build_engine_layout, cdiv
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.planner.plan import plan_request, rank_costs, render_plan
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def synthetic_block_ids(layout: EngineLayout, num_tokens: int) -> tuple[tuple[in
 
 
 def _num_blocks(spec: HybridModelSpec, block_size: int, num_tokens: int) -> int:
-    from hybrid_pd.connector.layout import hma_groups
+    from hybrid_pd.planner.layout import hma_groups
 
     groups = hma_groups(spec)
     n_attn = sum(1 for g in groups if g.kind is LayerKind.ATTENTION)

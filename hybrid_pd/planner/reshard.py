@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybrid_pd.connector.layout import ConvLayout, EngineLayout, FaLayout
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
-from hybrid_pd.connector.plan import RequestPlan, render_plan
+from hybrid_pd.planner.layout import ConvLayout, EngineLayout, FaLayout
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.plan import RequestPlan, render_plan
 
 FILL = 0x5A
 

