@@ -10,8 +10,8 @@ import sys
 # `hybrid-pd plan` never pays for importing vLLM.
 _COMMANDS: dict[str, str] = {
     "make-model": "hybrid_pd.tiny_models",
-    "serve": "hybrid_pd.launch",
-    "proxy": "hybrid_pd.proxy",
+    "serve": "hybrid_pd.serve.cli",
+    "proxy": "hybrid_pd.serve.proxy",
     "demo": "hybrid_pd.demo",
     "patches": "hybrid_pd.engine_patches.cli",
     "plan": "hybrid_pd.planner.cli",

@@ -19,9 +19,14 @@ from pathlib import Path
 
 import httpx
 
-from hybrid_pd import launch
 from hybrid_pd.metrics import scrape_nixl_metrics
-from hybrid_pd.tiny_models import engine_args_for
+from hybrid_pd.serve import cli as serve_cli
+from hybrid_pd.serve.supervisor import (
+    LaunchError,
+    build_reference_supervisor,
+    build_supervisor,
+    default_run_dir,
+)
 
 WORDS = (
     "the prefill engine computes the attention cache and the mamba state while the decode "
@@ -127,7 +132,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt-words", type=int, nargs="+", default=list(DEFAULT_PROMPT_WORDS),
                    help="prompt lengths in words (the tiny tokenizer makes ~1.2 tokens per word)")
-    launch.add_common_launch_args(p)
+    serve_cli.add_common_launch_args(p)
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -137,31 +142,25 @@ def run(args: argparse.Namespace) -> int:
 
         print("[demo] building the tiny hybrid model (offline, deterministic)...", file=sys.stderr)
         args.model = str(model_path("tiny-nemotron-h"))
-    run_dir = args.run_dir or launch.default_run_dir("demo")
+    run_dir = args.run_dir or default_run_dir("demo")
     if args.kv_read_granularity is None:
         # the demo shows the monitoring: one READ per layer, so the dashboard's request
         # timeline has a row per layer (serve's default is one READ per request)
         args.kv_read_granularity = "layer"
-    cfg = launch.LaunchConfig(
-        model=args.model, host=args.host, connector=args.connector,
-        kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
-        cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
-        telemetry_db=launch.telemetry_db_from_args(args, run_dir),
-        kv_extra=launch.kv_extra_from_args(args),
-    )
-    ports = launch.ports_from_args(args)
+    cfg = serve_cli.launch_config_from_args(args, run_dir)
+    ports = serve_cli.ports_from_args(args)
     prompts = [demo_prompt(n) for n in args.prompt_words]
     host = args.host
     print(f"[demo] model {args.model}; logs in {run_dir}/", file=sys.stderr)
     try:
         print("[demo] 1/2 reference: a single engine (no P/D)", file=sys.stderr)
-        with launch.build_reference_supervisor(cfg, run_dir, ports.reference, args.decode_tp) as ref:
+        with build_reference_supervisor(cfg, run_dir, ports.reference, args.decode_tp) as ref:
             ref.start()
             ref.wait_healthy(args.health_timeout)
             ref_start = ref.children[0].ready_after_s
             reference = reference_outputs(f"http://{host}:{ports.reference}", args.model, prompts, args.max_tokens)
         print("[demo] 2/2 P/D: prefill + decode + proxy", file=sys.stderr)
-        with launch.build_supervisor(cfg, run_dir, ports, args.prefill_tp, args.decode_tp) as sup:
+        with build_supervisor(cfg, run_dir, ports, args.prefill_tp, args.decode_tp) as sup:
             sup.start()
             sup.wait_healthy(args.health_timeout)
             starts = {c.name: c.ready_after_s for c in sup.children}
@@ -169,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                args.model, prompts, args.max_tokens, reference)
             if cfg.telemetry_db is not None:
                 time.sleep(SPAN_FLUSH_S)  # the engines' span batches go out every 0.5 s
-    except (launch.LaunchError, RuntimeError, httpx.HTTPError) as exc:
+    except (LaunchError, RuntimeError, httpx.HTTPError) as exc:
         print(f"[demo] FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

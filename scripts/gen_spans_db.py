@@ -15,9 +15,9 @@ D rank for all layers, layer kind ``mixed``; synthetic descriptor and byte count
 the Descriptors page has both connectors to compare.  The schema comes from
 ``hybrid_pd.telemetry.schema`` (the one MetaData, all its indexes); rows go in with Core
 executemany in one transaction per 50k rows.  ``--bench`` then times
-``queries.request_timeline`` for random requests through a fresh *read-only* engine, as
-the dashboard runs it; ``--bench-queries`` times every query function each page calls,
-for the range "all" (the pages' default) and "last 1 min", and sums them per page.
+``timeline_queries.request_timeline`` for random requests through a fresh *read-only*
+engine, as the dashboard runs it; ``--bench-queries`` times every query function each page
+calls, for the range "all" (the pages' default) and "last 1 min", and sums them per page.
 """
 
 from __future__ import annotations
@@ -197,16 +197,16 @@ def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.00
 
 def bench(path: Path, samples: int = 20, seed: int = 7) -> dict[str, float]:
     """Time ``request_timeline`` for random requests via the dashboard's read-only engine."""
-    from hybrid_pd.dashboard import queries
+    from hybrid_pd.dashboard import queries, timeline_queries
 
     engine = queries.open_engine(str(path))
-    ids = queries.request_list(engine, "latest", limit=100_000)["request_id"].tolist()
+    ids = timeline_queries.request_list(engine, "latest", limit=100_000)["request_id"].tolist()
     rng = random.Random(seed)
     times: list[float] = []
     rows = 0
     for rid in rng.sample(ids, min(samples, len(ids))):
         t0 = time.perf_counter()
-        df = queries.request_timeline(engine, rid)
+        df = timeline_queries.request_timeline(engine, rid)
         times.append((time.perf_counter() - t0) * 1e3)
         rows = len(df)
     return {"requests": float(len(ids)), "samples": float(len(times)), "rows_per_request": float(rows),
@@ -240,30 +240,33 @@ def bench_queries(path: Path, repeats: int = 5) -> list[tuple[str, str, float, f
     Returns (range, function, first ms, median ms, rows) for the ranges "all" and
     "last 1 min"; rows is the length of the result (a dict's: its number of keys).
     """
+    from hybrid_pd.dashboard import connector_queries as cq
     from hybrid_pd.dashboard import queries
+    from hybrid_pd.dashboard import timeline_queries as tq
+    from hybrid_pd.dashboard import transfer_queries as xq
 
     engine = queries.open_engine(str(path))
     lo, hi = queries.time_bounds(engine)
     assert lo is not None and hi is not None, f"{path} has no spans"
-    rid = queries.request_list(engine, "latest", limit=1)["request_id"].iloc[0]
+    rid = tq.request_list(engine, "latest", limit=1)["request_id"].iloc[0]
     out = []
     for label, (s, e) in {"all": (None, None), "last 1 min": (max(lo, hi - 60 * 10**9), hi)}.items():
         calls: dict[str, Callable[[], Any]] = {
             "check_db": lambda: queries.check_db(str(path), engine),
             "time_bounds": lambda: queries.time_bounds(engine),
-            "transfer_stats(total)": lambda s=s, e=e: queries.transfer_stats(engine, s, e, ()),
-            "transfer_stats(per rank)": lambda s=s, e=e: queries.transfer_stats(engine, s, e),
-            "transfer_buckets": lambda s=s, e=e: queries.transfer_buckets(
+            "transfer_stats(total)": lambda s=s, e=e: xq.transfer_stats(engine, s, e, ()),
+            "transfer_stats(per rank)": lambda s=s, e=e: xq.transfer_stats(engine, s, e),
+            "transfer_buckets": lambda s=s, e=e: xq.transfer_buckets(
                 engine, lo if s is None else s, hi if e is None else e),
-            "failure_counts": lambda s=s, e=e: queries.failure_counts(engine, s, e),
-            "failures": lambda s=s, e=e: queries.failures(engine, s, e),
-            "read_stats": lambda s=s, e=e: queries.read_stats(engine, s, e),
-            "reads": lambda s=s, e=e: queries.reads(engine, s, e),
-            "desc_build_stats": lambda s=s, e=e: queries.desc_build_stats(engine, s, e),
-            "connectors": lambda s=s, e=e: queries.connectors(engine, s, e),
-            "connector_reads": lambda s=s, e=e: queries.connector_reads(engine, s, e),
-            "request_list(latest)": lambda: queries.request_list(engine, "latest"),
-            "request_timeline": lambda: queries.request_timeline(engine, rid),
+            "failure_counts": lambda s=s, e=e: xq.failure_counts(engine, s, e),
+            "failures": lambda s=s, e=e: xq.failures(engine, s, e),
+            "read_stats": lambda s=s, e=e: xq.read_stats(engine, s, e),
+            "reads": lambda s=s, e=e: xq.reads(engine, s, e),
+            "desc_build_stats": lambda s=s, e=e: cq.desc_build_stats(engine, s, e),
+            "connectors": lambda s=s, e=e: cq.connectors(engine, s, e),
+            "connector_reads": lambda s=s, e=e: cq.connector_reads(engine, s, e),
+            "request_list(latest)": lambda: tq.request_list(engine, "latest"),
+            "request_timeline": lambda: tq.request_timeline(engine, rid),
         }
         for name, fn in calls.items():
             first, med = _timed(fn, repeats)

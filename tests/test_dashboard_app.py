@@ -13,7 +13,8 @@ from sqlalchemy import create_engine, insert
 from streamlit.testing.v1 import AppTest
 
 from hybrid_pd.dashboard import figures
-from hybrid_pd.dashboard.queries import ENV_DB
+from hybrid_pd.settings import ENV_TELEMETRY_DB
+from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry.schema import SCHEMA_VERSION, metadata_obj, schema_version_table
 
 APP = str(Path(__file__).resolve().parents[1] / "hybrid_pd" / "dashboard" / "app.py")
@@ -22,9 +23,9 @@ PAGES = ("overview", "timeline", "layers", "descriptors", "failures")
 
 def open_page(monkeypatch: pytest.MonkeyPatch, db: Path | str | None, page: str) -> AppTest:
     if db is None:
-        monkeypatch.delenv(ENV_DB, raising=False)
+        monkeypatch.delenv(ENV_TELEMETRY_DB, raising=False)
     else:
-        monkeypatch.setenv(ENV_DB, str(db))
+        monkeypatch.setenv(ENV_TELEMETRY_DB, str(db))
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     if page != "overview":  # overview is the default page
@@ -108,13 +109,22 @@ def test_layers(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
 
 
 def test_descriptors(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
+    from tests.test_dashboard_queries import raw_connectors
+
     at = open_page(monkeypatch, bench_spans_db, "descriptors")
     m = metrics(at)
-    assert int(m["builds"]) > 0 and m["connectors"] == "hybrid", m
+    # a bench that writes the attribute labels its spans "bench"; one from before it
+    # wrote none, and those count as ours
+    bench = raw_connectors(bench_spans_db) == {"bench"}
+    assert int(m["builds"]) > 0 and m["connectors"] == ("bench" if bench else "hybrid"), m
     assert len(charts(at)) == 1
-    # a bench run has only our connector: the comparison says so instead of a chart
-    assert any("Only the `hybrid` connector ran" in i.value and "--connector upstream" in i.value
-               for i in at.info), [i.value for i in at.info]
+    # one connector only: the comparison says so instead of a chart
+    infos = [i.value for i in at.info]
+    if bench:
+        assert any("Only `bench` spans" in i and "not compared" in i for i in infos), infos
+    else:
+        assert any("Only the `hybrid` connector ran" in i and "--connector upstream" in i
+                   for i in infos), infos
 
 
 def test_descriptors_ours_vs_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -146,7 +156,7 @@ def test_descriptors_one_connector_in_range(monkeypatch: pytest.MonkeyPatch, tmp
     from tests.test_dashboard_queries import T0, UPSTREAM_T0, write_connector_db
 
     db = write_connector_db(tmp_path / "both.db")
-    monkeypatch.setenv(ENV_DB, str(db))
+    monkeypatch.setenv(ENV_TELEMETRY_DB, str(db))
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     at.switch_page("views/descriptors.py")
@@ -157,6 +167,46 @@ def test_descriptors_one_connector_in_range(monkeypatch: pytest.MonkeyPatch, tmp
     assert any("Only the `upstream` connector ran" in i.value for i in at.info)
     assert len(charts(at)) == 1
     assert UPSTREAM_T0 - T0 > 60 * 10**9  # hybrid's spans are older than the last minute
+
+
+def test_descriptors_bench_not_compared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Bench spans beside both connectors: their own group in the builds chart and table,
+    absent from the ours-vs-upstream chart and medians (see write_bench)."""
+    from tests.test_dashboard_queries import write_connector_db
+
+    at = open_page(monkeypatch, write_connector_db(tmp_path / "b.db", bench=True), "descriptors")
+    m = metrics(at)
+    # 10 builds / 1,010 descriptors of both connectors, plus bench's 1 + 2 builds of
+    # 50 + 2*6 = 62 descriptors
+    assert m == {"builds": "13", "descriptors": "1,072",
+                 "connectors": "bench, hybrid, upstream"}, m
+    bars, cmp = charts(at)
+    by_name = {tr["name"]: tr for tr in bars["data"]}
+    assert set(by_name) == {"bench", "hybrid", "upstream"}
+    assert by_name["bench"]["marker"]["color"] == figures.CONNECTOR_COLOURS["bench"]
+    assert {tr["name"] for tr in cmp["data"]} == {"hybrid", "upstream"}
+    table, medians = (d.value for d in at.dataframe)
+    assert set(table.loc[table[A.CONNECTOR] == "bench", A.KV_DESC_SCOPE]) == {"local", "request"}
+    medians = medians.set_index("connector")
+    # the medians of the database without bench spans (test_descriptors_ours_vs_upstream)
+    assert medians["requests"].to_dict() == {"hybrid": 3, "upstream": 2}
+    assert medians.loc["hybrid", "descriptors / READ"] == 1.8
+    assert medians.loc["hybrid", "bytes / READ (B)"] == 180
+    assert any("`bench` spans" in c.value and "left out" in c.value for c in at.caption)
+    assert not at.info, [i.value for i in at.info]
+
+
+def test_descriptors_bench_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.test_dashboard_queries import SpanWriter, write_bench
+
+    w = SpanWriter(tmp_path / "bench.db")
+    write_bench(w)
+    w.provider.shutdown()
+    at = open_page(monkeypatch, tmp_path / "bench.db", "descriptors")
+    assert metrics(at) == {"builds": "3", "descriptors": "62", "connectors": "bench"}
+    assert len(charts(at)) == 1  # builds only, no comparison
+    infos = [i.value for i in at.info]
+    assert any("Only `bench` spans" in i and "not compared" in i for i in infos), infos
 
 
 def test_failures_none(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
@@ -255,4 +305,4 @@ def test_newer_schema(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_no_db_selected(monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_page(monkeypatch, None, "overview")
-    assert any(ENV_DB in w.value for w in at.warning)
+    assert any(ENV_TELEMETRY_DB in w.value for w in at.warning)

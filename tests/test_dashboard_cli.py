@@ -9,11 +9,11 @@ import pytest
 
 from hybrid_pd import cli
 from hybrid_pd.dashboard import cli as dcli
-from hybrid_pd.dashboard.queries import ENV_DB
+from hybrid_pd.settings import ENV_TELEMETRY_DB
 
 
 def test_registered_and_parses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_DB, raising=False)
+    monkeypatch.delenv(ENV_TELEMETRY_DB, raising=False)
     args = cli.build_parser("dashboard").parse_args(["dashboard", "--db", "x.db", "--port", "9999"])
     assert args.func is dcli.run and args.db == "x.db" and args.port == 9999
 
@@ -37,7 +37,7 @@ def test_run_passes_resolved_db(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     seen: dict[str, object] = {}
 
     def fake_call(cmd: list[str], env: dict[str, str]) -> int:
-        seen.update(cmd=cmd, db=env.get(ENV_DB))
+        seen.update(cmd=cmd, db=env.get(ENV_TELEMETRY_DB))
         return 0
 
     monkeypatch.setattr(dcli.subprocess, "call", fake_call)

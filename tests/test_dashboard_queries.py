@@ -2,9 +2,10 @@
 
 No GPU required; the bench fixture moves bytes through NIXL/UCX on DRAM.  The aggregate
 queries (SQL percentiles, time buckets, counts) are checked against brute-force pandas /
-plain-SQL oracles over the same rows; the ours-vs-upstream comparison against counts
-worked out by hand for a database written through the real exporter.  Speed is not
-asserted here (``scripts/gen_spans_db.py --bench-queries`` measures it); index use is.
+plain-SQL oracles over the same rows; the ours-vs-upstream comparison (and bench spans
+kept out of it) against counts worked out by hand for a database written through the real
+exporter.  Speed is not asserted here (``scripts/gen_spans_db.py --bench-queries``
+measures it); index use is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import OperationalError
 
-from hybrid_pd.dashboard import figures, queries
+from hybrid_pd.dashboard import (
+    connector_queries,
+    figures,
+    queries,
+    timeline_queries,
+    transfer_queries,
+)
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry.schema import (
     DASHBOARD_INDEXES,
@@ -65,90 +72,127 @@ def synth_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 T0 = 1_790_000_000_000_000_000  # ns; hybrid's requests from T0, upstream's from T0 + 2 min
 UPSTREAM_T0 = T0 + 120 * 10**9
+BENCH_T0 = T0 + 60 * 10**9  # bench's requests, when written, between the two
 MS = 10**6
 # Layer kinds of the hybrid READs of one request (layers 0..4).
 HYBRID_LAYERS = ("attention", "mamba", "mamba", "attention", "mamba")
 
 
-def write_connector_db(path: Path) -> Path:
-    """Spans of both connectors written through the real ``SQLiteSpanExporter``.
+class SpanWriter:
+    """Spans with chosen times and attributes, through the real ``SQLiteSpanExporter``."""
 
-    hybrid (engine ``decode-h``), requests r0, r1, r2 at T0 + 0/100/200 ms, transfers of
-    1, 2, 3 ms; per request one mapping build (10 descriptors, 900 B) and five per-layer
-    READs: attention 3 descriptors / 300 B, mamba 1 / 100 B, so 2*3 + 3*1 = 9
-    descriptors and 2*300 + 3*100 = 900 B per request.  Handshake builds: local 100 /
-    10 kB twice (one without the connector attribute: a span from before it existed,
-    counted as hybrid), remote 100 / 10 kB once.
+    def __init__(self, path: Path) -> None:
+        resource = Resource.create({"service.name": "hybrid-pd-decode"})
+        self.provider = TracerProvider(resource=resource)
+        self.provider.add_span_processor(SimpleSpanProcessor(SQLiteSpanExporter(path)))
+        self.tracer = self.provider.get_tracer("test")
 
-    upstream (engine ``decode-u``), requests r0, r1 (the same ids, as when two bench runs
-    share a database) at T0 + 2 min + 0/100 ms, transfers of 4, 5 ms; per request one
-    mapping build (40 ids, no bytes) and one whole-request READ (layer kind ``mixed``,
-    40 descriptors, 1000 B).  r1 fails: its READ and transfer end ERROR, with a stall
-    and an ERROR abort.  Handshake builds: local 300 / 10 kB, remote 300 / 10 kB.
-    """
-    exporter = SQLiteSpanExporter(path)
-    provider = TracerProvider(resource=Resource.create({"service.name": "hybrid-pd-decode"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-
-    def emit(name: str, t0: int, dur: int, attrs: dict[str, Any],
+    def emit(self, name: str, t0: int, dur: int, attrs: dict[str, Any],
              parent: trace.Span | None = None, fail: str = "") -> trace.Span:
         ctx = trace.set_span_in_context(parent) if parent is not None else None
-        span = tracer.start_span(name, context=ctx, start_time=t0)
+        span = self.tracer.start_span(name, context=ctx, start_time=t0)
         A.set_attrs(span, attrs)
         if fail:
             A.mark_failed(span, fail)
         span.end(end_time=t0 + dur)
         return span
 
-    def build(t0: int, connector: str | None, scope: str, n: int, nbytes: int | None,
+    def build(self, t0: int, connector: str | None, scope: str, n: int, nbytes: int | None,
               engine: str, rid: str | None = None, parent: trace.Span | None = None) -> None:
-        emit(A.SPAN_KV_DESC_BUILD, t0, 20_000, {
+        self.emit(A.SPAN_KV_DESC_BUILD, t0, 20_000, {
             A.CONNECTOR: connector, A.KV_DESC_SCOPE: scope, A.KV_VIEW: "all",
             A.KV_DESCRIPTORS: n, A.KV_BYTES: nbytes, A.ENGINE_ID: engine, A.REQUEST_ID: rid,
             A.KV_RANK: 0, A.KV_PEER_RANK: 0}, parent)
 
-    def transfer(t0: int, dur: int, connector: str, engine: str, rid: str, nbytes: int,
+    def read(self, t0: int, dur: int, connector: str, engine: str, rid: str, kind: str,
+             n: int, nbytes: int, parent: trace.Span, layer: int | None = None,
+             fail: str = "") -> None:
+        self.emit(A.SPAN_KV_READ, t0, dur, {
+            A.CONNECTOR: connector, A.ENGINE_ID: engine, A.REQUEST_ID: rid, A.KV_LAYER: layer,
+            A.KV_LAYER_KIND: kind, A.KV_DESCRIPTORS: n, A.KV_BYTES: nbytes, A.KV_RANK: 0,
+            A.KV_PEER_RANK: 0, A.KV_NIXL_XFER_US: 30.0 if layer is not None else None},
+            parent, fail)
+
+    def transfer(self, t0: int, connector: str, engine: str, rid: str, nbytes: int,
                  fail: str = "") -> trace.Span:
-        span = tracer.start_span(A.SPAN_KV_TRANSFER, start_time=t0)
+        """An open transfer span: the caller ends it after its children."""
+        span = self.tracer.start_span(A.SPAN_KV_TRANSFER, start_time=t0)
         A.set_attrs(span, {A.CONNECTOR: connector, A.ENGINE_ID: engine, A.REQUEST_ID: rid,
                            A.KV_RANK: 0, A.KV_BYTES: nbytes})
         if fail:
             A.mark_failed(span, fail)
         return span
 
-    build(T0 - 50 * MS, "hybrid", "local", 100, 10_000, "decode-h")
-    build(T0 - 49 * MS, None, "local", 100, 10_000, "decode-h")  # legacy span
-    build(T0 - 48 * MS, "hybrid", "remote", 100, 10_000, "decode-h")
+
+def write_hybrid(w: SpanWriter) -> None:
+    """Engine ``decode-h``: requests r0, r1, r2 at T0 + 0/100/200 ms, transfers of 1, 2,
+    3 ms; per request one mapping build (10 descriptors, 900 B) and five per-layer READs:
+    attention 3 descriptors / 300 B, mamba 1 / 100 B, so 2*3 + 3*1 = 9 descriptors and
+    2*300 + 3*100 = 900 B per request.  Handshake builds: local 100 / 10 kB twice (one
+    without the connector attribute: a span from before it existed, counted as hybrid),
+    remote 100 / 10 kB once."""
+    w.build(T0 - 50 * MS, "hybrid", "local", 100, 10_000, "decode-h")
+    w.build(T0 - 49 * MS, None, "local", 100, 10_000, "decode-h")  # legacy span
+    w.build(T0 - 48 * MS, "hybrid", "remote", 100, 10_000, "decode-h")
     for i in range(3):
         t = T0 + i * 100 * MS
-        tr = transfer(t, (i + 1) * MS, "hybrid", "decode-h", f"r{i}", 900)
-        build(t + 1_000, "hybrid", "request", 10, 900, "decode-h", f"r{i}", tr)
+        tr = w.transfer(t, "hybrid", "decode-h", f"r{i}", 900)
+        w.build(t + 1_000, "hybrid", "request", 10, 900, "decode-h", f"r{i}", tr)
         for layer, kind in enumerate(HYBRID_LAYERS):
             attn = kind == "attention"
-            emit(A.SPAN_KV_READ, t + 100_000 + layer * 50_000, 40_000, {
-                A.CONNECTOR: "hybrid", A.ENGINE_ID: "decode-h", A.REQUEST_ID: f"r{i}",
-                A.KV_LAYER: layer, A.KV_LAYER_KIND: kind, A.KV_DESCRIPTORS: 3 if attn else 1,
-                A.KV_BYTES: 300 if attn else 100, A.KV_RANK: 0, A.KV_PEER_RANK: 0,
-                A.KV_NIXL_XFER_US: 30.0}, tr)
+            w.read(t + 100_000 + layer * 50_000, 40_000, "hybrid", "decode-h", f"r{i}", kind,
+                   3 if attn else 1, 300 if attn else 100, tr, layer)
         tr.end(end_time=t + (i + 1) * MS)
-    build(UPSTREAM_T0 - 50 * MS, "upstream", "local", 300, 10_000, "decode-u")
-    build(UPSTREAM_T0 - 48 * MS, "upstream", "remote", 300, 10_000, "decode-u")
+
+
+def write_upstream(w: SpanWriter) -> None:
+    """Engine ``decode-u``: requests r0, r1 (the same ids, as when two bench runs share a
+    database) at T0 + 2 min + 0/100 ms, transfers of 4, 5 ms; per request one mapping
+    build (40 ids, no bytes) and one whole-request READ (layer kind ``mixed``, 40
+    descriptors, 1000 B).  r1 fails: its READ and transfer end ERROR, with a stall and an
+    ERROR abort.  Handshake builds: local 300 / 10 kB, remote 300 / 10 kB."""
+    w.build(UPSTREAM_T0 - 50 * MS, "upstream", "local", 300, 10_000, "decode-u")
+    w.build(UPSTREAM_T0 - 48 * MS, "upstream", "remote", 300, 10_000, "decode-u")
     for i in range(2):
         t = UPSTREAM_T0 + i * 100 * MS
         fail = "stalled" if i == 1 else ""
-        tr = transfer(t, (i + 4) * MS, "upstream", "decode-u", f"r{i}", 1000, fail)
-        build(t + 1_000, "upstream", "request", 40, None, "decode-u", f"r{i}", tr)
-        emit(A.SPAN_KV_READ, t + 100_000, 2 * MS, {
-            A.CONNECTOR: "upstream", A.ENGINE_ID: "decode-u", A.REQUEST_ID: f"r{i}",
-            A.KV_LAYER_KIND: "mixed", A.KV_DESCRIPTORS: 40, A.KV_BYTES: 1000, A.KV_RANK: 0,
-            A.KV_PEER_RANK: 0}, tr, fail)
+        tr = w.transfer(t, "upstream", "decode-u", f"r{i}", 1000, fail)
+        w.build(t + 1_000, "upstream", "request", 40, None, "decode-u", f"r{i}", tr)
+        w.read(t + 100_000, 2 * MS, "upstream", "decode-u", f"r{i}", "mixed", 40, 1000, tr,
+               fail=fail)
         if fail:
             base = {A.CONNECTOR: "upstream", A.ENGINE_ID: "decode-u", A.REQUEST_ID: f"r{i}"}
-            emit(A.SPAN_KV_STALL, t + 3 * MS, 1_000, {**base, A.KV_WAITED_MS: 2.0}, tr)
-            emit(A.SPAN_KV_ABORT, t + 3 * MS + 1_000, 1_000, base, tr, fail)
+            w.emit(A.SPAN_KV_STALL, t + 3 * MS, 1_000, {**base, A.KV_WAITED_MS: 2.0}, tr)
+            w.emit(A.SPAN_KV_ABORT, t + 3 * MS + 1_000, 1_000, base, tr, fail)
         tr.end(end_time=t + (i + 4) * MS)
-    provider.shutdown()
+
+
+def write_bench(w: SpanWriter) -> None:
+    """``hybrid-pd bench`` (connector ``bench``, engine ``bench-d``): requests r0, r1 (the
+    ids hybrid's and upstream's use too) at T0 + 1 min + 0/100 ms, transfers of 6 ms; per
+    request one mapping build (6 descriptors, 600 B) and two attention READs of 5
+    descriptors / 2000 B, so 10 descriptors and 4000 B per request, 5 descriptors and
+    2000 B per READ.  One handshake build: local 50 / 5 kB."""
+    w.build(BENCH_T0 - 50 * MS, "bench", "local", 50, 5_000, "bench-d")
+    for i in range(2):
+        t = BENCH_T0 + i * 100 * MS
+        tr = w.transfer(t, "bench", "bench-d", f"r{i}", 4000)
+        w.build(t + 1_000, "bench", "request", 6, 600, "bench-d", f"r{i}", tr)
+        for layer in range(2):
+            w.read(t + 100_000 + layer * 50_000, 40_000, "bench", "bench-d", f"r{i}",
+                   "attention", 5, 2000, tr, layer)
+        tr.end(end_time=t + 6 * MS)
+
+
+def write_connector_db(path: Path, bench: bool = False) -> Path:
+    """Spans of both connectors (:func:`write_hybrid`, :func:`write_upstream`) and, with
+    ``bench``, a bench run's (:func:`write_bench`), written through the real exporter."""
+    w = SpanWriter(path)
+    write_hybrid(w)
+    if bench:
+        write_bench(w)
+    write_upstream(w)
+    w.provider.shutdown()
     return path
 
 
@@ -220,9 +264,9 @@ def test_check_db_states(tmp_path: Path, bench_spans_db: Path) -> None:
 
 def test_request_timeline_real_bench(bench_spans_db: Path) -> None:
     engine = queries.open_engine(str(bench_spans_db))
-    reqs = queries.request_list(engine, "latest")
+    reqs = timeline_queries.request_list(engine, "latest")
     assert "r0" in set(reqs["request_id"]), reqs
-    df = queries.request_timeline(engine, "r0")
+    df = timeline_queries.request_timeline(engine, "r0")
     names = df["name"].value_counts().to_dict()
     # TP 1 -> 2: both D ranks pull the whole request from P0; tiny model: 5 layers.
     assert names[A.SPAN_KV_TRANSFER] == 2, names
@@ -242,19 +286,19 @@ def test_window_queries_real_bench(bench_spans_db: Path) -> None:
     engine = queries.open_engine(str(bench_spans_db))
     lo, hi = queries.time_bounds(engine)
     assert lo is not None and hi is not None and lo <= hi
-    tr = queries.transfers(engine)
+    tr = transfer_queries.transfers(engine)
     assert len(tr) == 10 and (tr["bytes"] > 0).all() and (tr["gbps"] > 0).all()
-    rd = queries.reads(engine, lo, hi)
+    rd = transfer_queries.reads(engine, lo, hi)
     assert len(rd) == 50
-    assert queries.reads(engine, hi + 1, None).empty
-    d = queries.desc_builds(engine)
+    assert transfer_queries.reads(engine, hi + 1, None).empty
+    d = connector_queries.desc_builds(engine)
     assert {"local", "remote", "request"} <= set(d[A.KV_DESC_SCOPE])
-    assert queries.failures(engine).empty
+    assert transfer_queries.failures(engine).empty
 
 
 def test_unknown_request_is_empty(bench_spans_db: Path) -> None:
     engine = queries.open_engine(str(bench_spans_db))
-    df = queries.request_timeline(engine, "no-such-request")
+    df = timeline_queries.request_timeline(engine, "no-such-request")
     assert df.empty and "duration_ms" in df
 
 
@@ -263,17 +307,17 @@ def test_unknown_request_is_empty(bench_spans_db: Path) -> None:
 
 def test_failures_and_slowest(synth_db: Path) -> None:
     engine = queries.open_engine(str(synth_db))
-    f = queries.failures(engine)
+    f = transfer_queries.failures(engine)
     assert {A.SPAN_KV_ABORT, A.SPAN_KV_STALL, A.SPAN_KV_TRANSFER} <= set(f["name"])
     assert (f.loc[f["name"] == A.SPAN_KV_ABORT, A.KV_FAILURE_REASON] == "stall timeout").all()
-    slow = queries.request_list(engine, "slowest")
+    slow = timeline_queries.request_list(engine, "slowest")
     assert slow["duration_ns"].is_monotonic_decreasing
     assert (slow["errors"] > 0).any()
 
 
 def test_timeline_query_uses_indexes(synth_db: Path) -> None:
     """The request lookups must be index searches: that is what keeps 10^6 spans fast."""
-    sql = str(queries.timeline_statement("cmpl-00000003").compile(
+    sql = str(timeline_queries.timeline_statement("cmpl-00000003").compile(
         dialect=sqlite_dialect(), compile_kwargs={"literal_binds": True}))
     con = sqlite3.connect(synth_db)
     plan = " ".join(str(r) for r in con.execute("EXPLAIN QUERY PLAN " + sql))
@@ -281,16 +325,16 @@ def test_timeline_query_uses_indexes(synth_db: Path) -> None:
     assert "ix_spans_request_id_start_ns" in plan and "ix_spans_trace_id" in plan, plan
     assert "SCAN" not in plan, plan
     engine = queries.open_engine(str(synth_db))
-    queries.request_timeline(engine, "cmpl-00000003")  # warm the connection pool
+    timeline_queries.request_timeline(engine, "cmpl-00000003")  # warm the connection pool
     t0 = time.perf_counter()
-    df = queries.request_timeline(engine, "cmpl-00000003")
+    df = timeline_queries.request_timeline(engine, "cmpl-00000003")
     assert time.perf_counter() - t0 < 1.0
     assert (df["name"] == A.SPAN_KV_READ).sum() == 2 * 52
 
 
 def test_timeline_figure(bench_spans_db: Path) -> None:
     engine = queries.open_engine(str(bench_spans_db))
-    fig = figures.timeline_figure(queries.request_timeline(engine, "r0"), title="r0")
+    fig = figures.timeline_figure(timeline_queries.request_timeline(engine, "r0"), title="r0")
     spec = json.loads(fig.to_json())
     ys = {y for tr in spec["data"] for y in tr["y"]}
     assert len([y for y in ys if y.startswith(figures.READ_ROW_PREFIX)]) == 10
@@ -312,31 +356,31 @@ def nearest_rank(values: Any, p: int) -> float:
 
 def test_nearest_rank_percentiles_by_hand(connector_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
-    (t,) = queries.transfer_stats(engine, by=()).to_dict("records")
+    (t,) = transfer_queries.transfer_stats(engine, by=()).to_dict("records")
     # durations 1, 2, 3 (hybrid) and 4, 5 ms (upstream); n = 5:
     # p50 -> ceil(2.5) = 3rd = 3 ms; p90 -> ceil(4.5) = 5th = 5 ms; p99 -> 5th = 5 ms
     assert (t["transfers"], t["failed"], t["bytes"]) == (5, 1, 3 * 900 + 2 * 1000), t
     assert (t["p50_ms"], t["p90_ms"], t["p99_ms"], t["max_ms"]) == (3, 5, 5, 5), t
     assert t["busy_ns"] == (1 + 2 + 3 + 4 + 5) * MS
-    per = queries.transfer_stats(engine).set_index("engine_id")
+    per = transfer_queries.transfer_stats(engine).set_index("engine_id")
     # decode-h: [1, 2, 3] -> p50 = ceil(1.5) = 2nd = 2 ms, p99 = ceil(2.97) = 3rd = 3 ms
     # decode-u: [4, 5]    -> p50 = ceil(1.0) = 1st = 4 ms, p99 = ceil(1.98) = 2nd = 5 ms
     assert per.loc["decode-h", ["transfers", "p50_ms", "p99_ms", "failed"]].tolist() == [3, 2, 3, 0]
     assert per.loc["decode-u", ["transfers", "p50_ms", "p99_ms", "failed"]].tolist() == [2, 4, 5, 1]
     assert per.loc["decode-h", "gbps"] == 2700 / (6 * MS)  # bytes / busy ns == GB/s
-    empty = queries.transfer_stats(engine, T0 + 5 * 10**9, T0 + 6 * 10**9, by=())
+    empty = transfer_queries.transfer_stats(engine, T0 + 5 * 10**9, T0 + 6 * 10**9, by=())
     assert empty["transfers"].tolist() == [0]
-    assert queries.transfer_stats(engine, T0 + 5 * 10**9, T0 + 6 * 10**9).empty
+    assert transfer_queries.transfer_stats(engine, T0 + 5 * 10**9, T0 + 6 * 10**9).empty
 
 
 @pytest.mark.parametrize("by", [(), ("engine_id", "rank")])
 def test_transfer_stats_match_brute_force(synth_db: Path, by: tuple[str, ...]) -> None:
     engine = queries.open_engine(str(synth_db))
-    rows = queries.transfers(engine)
+    rows = transfer_queries.transfers(engine)
     lo, hi = queries.time_bounds(engine)
     assert lo is not None and hi is not None
     for start, end in ((None, None), (lo + (hi - lo) // 3, lo + 2 * (hi - lo) // 3)):
-        stats = queries.transfer_stats(engine, start, end, by)
+        stats = transfer_queries.transfer_stats(engine, start, end, by)
         sel = rows[(rows["start_ns"] >= (start or lo)) & (rows["start_ns"] <= (end or hi))]
         groups = sel.groupby(list(by)) if by else [((), sel)]
         expected = {}
@@ -360,13 +404,13 @@ def test_transfer_stats_match_brute_force(synth_db: Path, by: tuple[str, ...]) -
     (2 * 7 * 86400 * 10**9 * 120, 2 * 7 * 86400 * 10**9),  # beyond the list: whole weeks
 ])
 def test_bucket_width(span_ns: int, width: int) -> None:
-    got = queries.bucket_width_ns(span_ns)
+    got = transfer_queries.bucket_width_ns(span_ns)
     assert got == width, f"Expected {width}, got {got}"
-    assert -(-max(span_ns, 1) // got) <= queries.MAX_BUCKETS
+    assert -(-max(span_ns, 1) // got) <= transfer_queries.MAX_BUCKETS
 
 
 def test_fmt_width() -> None:
-    assert [queries.fmt_width(w) for w in (10**6, 500 * 10**6, 2 * 10**9, 300 * 10**9,
+    assert [transfer_queries.fmt_width(w) for w in (10**6, 500 * 10**6, 2 * 10**9, 300 * 10**9,
                                            3 * 3600 * 10**9, 86400 * 10**9)] == [
         "1 ms", "500 ms", "2 s", "5 min", "3 h", "1 d"]
 
@@ -375,10 +419,10 @@ def test_transfer_buckets_match_brute_force(synth_db: Path) -> None:
     engine = queries.open_engine(str(synth_db))
     lo, hi = queries.time_bounds(engine)
     assert lo is not None and hi is not None
-    b = queries.transfer_buckets(engine, lo, hi)
-    width = queries.bucket_width_ns(hi - lo)
-    assert (b["width_ns"] == width).all() and b["bucket"].max() < queries.MAX_BUCKETS
-    rows = queries.transfers(engine)
+    b = transfer_queries.transfer_buckets(engine, lo, hi)
+    width = transfer_queries.bucket_width_ns(hi - lo)
+    assert (b["width_ns"] == width).all() and b["bucket"].max() < transfer_queries.MAX_BUCKETS
+    rows = transfer_queries.transfers(engine)
     rows["bucket"] = (rows["start_ns"] - lo) // width
     assert b["transfers"].sum() == len(rows) and b["bytes"].sum() == rows["bytes"].sum()
     for r in b.to_dict("records"):
@@ -402,30 +446,32 @@ def test_failures_and_counts_match_plain_sql(synth_db: Path) -> None:
     n_stall, n_abort = (con.execute("SELECT count(*) FROM spans WHERE name = ?", (n,)).fetchone()[0]
                         for n in (A.SPAN_KV_STALL, A.SPAN_KV_ABORT))
     con.close()
-    f = queries.failures(engine, limit=100_000)
+    f = transfer_queries.failures(engine, limit=100_000)
     assert set(f["span_id"]) == oracle and len(f) == len(oracle)
     assert f["start_ns"].is_monotonic_decreasing
-    assert queries.failure_counts(engine) == {"errors": n_err, "stalls": n_stall, "aborts": n_abort}
+    assert transfer_queries.failure_counts(engine) == {
+        "errors": n_err, "stalls": n_stall, "aborts": n_abort}
     assert n_stall > 0 and n_err > n_abort > 0
-    newest = queries.failures(engine, limit=5)
+    newest = transfer_queries.failures(engine, limit=5)
     assert newest["span_id"].tolist() == f["span_id"].head(5).tolist()
 
 
 def test_failures_by_hand(connector_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
     # upstream r1: READ, transfer and abort are ERROR; the stall is not
-    assert queries.failure_counts(engine) == {"errors": 3, "stalls": 1, "aborts": 1}
-    f = queries.failures(engine)
+    assert transfer_queries.failure_counts(engine) == {"errors": 3, "stalls": 1, "aborts": 1}
+    f = transfer_queries.failures(engine)
     assert sorted(f["name"]) == sorted([A.SPAN_KV_READ, A.SPAN_KV_TRANSFER, A.SPAN_KV_ABORT,
                                         A.SPAN_KV_STALL])
     assert set(f["request_id"]) == {"r1"} and (f[A.KV_FAILURE_REASON].dropna() == "stalled").all()
-    assert queries.failure_counts(engine, T0, T0 + 10**9) == {"errors": 0, "stalls": 0, "aborts": 0}
+    assert transfer_queries.failure_counts(engine, T0, T0 + 10**9) == {
+        "errors": 0, "stalls": 0, "aborts": 0}
 
 
 def test_read_stats_match_brute_force(synth_db: Path) -> None:
     engine = queries.open_engine(str(synth_db))
-    rows = queries.reads(engine)
-    stats = queries.read_stats(engine).set_index("layer_kind")
+    rows = transfer_queries.reads(engine)
+    stats = transfer_queries.read_stats(engine).set_index("layer_kind")
     assert stats["reads"].sum() == len(rows)
     for kind, g in rows.groupby("layer_kind"):
         r = stats.loc[kind]
@@ -433,13 +479,13 @@ def test_read_stats_match_brute_force(synth_db: Path) -> None:
         assert r["p50_us"] == nearest_rank(g["duration_ns"], 50) / 1e3, kind
         assert r["median_gbps"] == pytest.approx(nearest_rank(g["bytes"] / g["duration_ns"], 50))
         assert r["nixl_xfer_p50_us"] == nearest_rank(g[A.KV_NIXL_XFER_US], 50), kind
-    few = queries.read_stats(engine, limit=10)
+    few = transfer_queries.read_stats(engine, limit=10)
     assert few["reads"].sum() == 10
 
 
 def test_desc_build_stats_by_hand(connector_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
-    g = queries.desc_build_stats(engine)
+    g = connector_queries.desc_build_stats(engine)
     got = {(r[A.KV_DESC_SCOPE], r[A.CONNECTOR]): (r["builds"], r["descriptors"], r["bytes"])
            for r in g.to_dict("records")}
     assert got == {
@@ -452,7 +498,8 @@ def test_desc_build_stats_by_hand(connector_db: Path) -> None:
     }, got
     assert (g["p50_us"] == 20.0).all()  # every build lasts 20 µs
     # the same numbers as the row-level load, grouped in pandas
-    rows = queries.desc_builds(engine).groupby([A.KV_DESC_SCOPE, A.CONNECTOR])["descriptors"].sum()
+    rows = connector_queries.desc_builds(engine)
+    rows = rows.groupby([A.KV_DESC_SCOPE, A.CONNECTOR])["descriptors"].sum()
     assert rows.to_dict() == {k: v[1] for k, v in got.items()}
 
 
@@ -461,19 +508,31 @@ def test_desc_build_stats_by_hand(connector_db: Path) -> None:
 
 def test_connectors(connector_db: Path, bench_spans_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
-    assert queries.connectors(engine) == ["hybrid", "upstream"]
-    assert queries.connector_values(engine) == ["hybrid", "upstream", None]  # legacy build
-    assert queries.connectors(engine, T0, T0 + 10**9) == ["hybrid"]
-    assert queries.connectors(engine, UPSTREAM_T0, None) == ["upstream"]
-    assert queries.connectors(engine, T0 + 5 * 10**9, T0 + 6 * 10**9) == []
-    # a bench run from before the attribute: every span is ours
-    assert queries.connectors(queries.open_engine(str(bench_spans_db))) == ["hybrid"]
+    assert connector_queries.connectors(engine) == ["hybrid", "upstream"]
+    # the last value: the legacy build without the attribute
+    assert connector_queries.connector_values(engine) == ["hybrid", "upstream", None]
+    assert connector_queries.connectors(engine, T0, T0 + 10**9) == ["hybrid"]
+    assert connector_queries.connectors(engine, UPSTREAM_T0, None) == ["upstream"]
+    assert connector_queries.connectors(engine, T0 + 5 * 10**9, T0 + 6 * 10**9) == []
+    # a real bench run: "bench" where bench writes the attribute, else (a bench from
+    # before it) every span counted as ours
+    expected = ["bench"] if raw_connectors(bench_spans_db) == {"bench"} else ["hybrid"]
+    assert connector_queries.connectors(queries.open_engine(str(bench_spans_db))) == expected
+
+
+def raw_connectors(db: Path) -> set[str | None]:
+    """Oracle: the ``hybrid_pd.connector`` values of the descriptor builds, in plain SQL."""
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT DISTINCT json_extract(attributes, '$.\"hybrid_pd.connector\"') "
+                       "FROM spans WHERE name = ?", (A.SPAN_KV_DESC_BUILD,)).fetchall()
+    con.close()
+    return {r[0] for r in rows}
 
 
 def test_connector_comparison_by_hand(connector_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
-    cmp = queries.connector_reads(engine)
-    per = queries.comparison_per_request(cmp).set_index(["connector", "request_id"])
+    cmp = connector_queries.connector_reads(engine)
+    per = connector_queries.comparison_per_request(cmp).set_index(["connector", "request_id"])
     cols = ["reads", "descriptors", "bytes", "mapping_descriptors", "descriptors_per_read",
             "bytes_per_read"]
     for rid in ("r0", "r1", "r2"):
@@ -482,11 +541,12 @@ def test_connector_comparison_by_hand(connector_db: Path) -> None:
     for rid in ("r0", "r1"):  # same ids as hybrid's, kept apart by the connector
         assert per.loc[("upstream", rid), cols].tolist() == [1, 40, 1000, 40, 40, 1000], rid
     assert len(per) == 5
-    med = queries.comparison_medians(queries.comparison_per_request(cmp)).set_index("connector")
+    med = connector_queries.comparison_medians(connector_queries.comparison_per_request(cmp))
+    med = med.set_index("connector")
     assert med.loc["hybrid"].tolist() == [3, 5, 1.8, 180, 9, 900, 10]
     assert med.loc["upstream"].tolist() == [2, 1, 40, 1000, 40, 1000, 40]
-    assert list(med.columns) == ["requests", *queries.MEDIAN_COLUMNS.values()]
-    kinds = queries.comparison_per_kind(cmp).set_index(["connector", "layer_kind"])
+    assert list(med.columns) == ["requests", *connector_queries.MEDIAN_COLUMNS.values()]
+    kinds = connector_queries.comparison_per_kind(cmp).set_index(["connector", "layer_kind"])
     cols = ["reads", "descriptors_per_read", "bytes_per_read"]
     assert kinds.loc[("hybrid", "attention"), cols].tolist() == [6, 3, 300]  # 3 requests x 2
     assert kinds.loc[("hybrid", "mamba"), cols].tolist() == [9, 1, 100]
@@ -494,16 +554,18 @@ def test_connector_comparison_by_hand(connector_db: Path) -> None:
     assert kinds.loc[("upstream", "mixed"), cols].tolist() == [2, 40, 1000]
     assert kinds.loc[("upstream", "all"), cols].tolist() == [2, 40, 1000]
     # the newest READ picks the newest request; caps apply per connector
-    few = queries.comparison_per_request(queries.connector_reads(engine, max_requests=1))
+    few = connector_queries.comparison_per_request(
+        connector_queries.connector_reads(engine, max_requests=1))
     assert sorted(map(tuple, few[["connector", "request_id"]].values)) == [
         ("hybrid", "r2"), ("upstream", "r1")]
-    one_side = queries.connector_reads(engine, T0, T0 + 10**9)
+    one_side = connector_queries.connector_reads(engine, T0, T0 + 10**9)
     assert set(one_side["connector"]) == {"hybrid"}
 
 
 def test_connector_comparison_figure(connector_db: Path) -> None:
     engine = queries.open_engine(str(connector_db))
-    fig = figures.connector_comparison(queries.comparison_per_kind(queries.connector_reads(engine)))
+    cmp = connector_queries.connector_reads(engine)
+    fig = figures.connector_comparison(connector_queries.comparison_per_kind(cmp))
     lay = fig.layout
     titles = [lay.yaxis.title.text, lay.yaxis2.title.text]
     assert titles == list(figures.COMPARISON_METRICS.values()), titles
@@ -515,8 +577,83 @@ def test_connector_comparison_figure(connector_db: Path) -> None:
     assert bars[("upstream", "x")] == {"mixed": 40, "all": 40}
     assert bars[("hybrid", "x2")] == {"attention": 300, "mamba": 100, "all": 180}
     assert bars[("upstream", "x2")] == {"mixed": 1000, "all": 1000}
-    assert {tr.name: tr.marker.color for tr in fig.data} == figures.CONNECTOR_COLOURS
+    assert {tr.name: tr.marker.color for tr in fig.data} == {
+        c: figures.CONNECTOR_COLOURS[c] for c in ("hybrid", "upstream")}
     json.loads(fig.to_json())  # serialisable as Streamlit sends it
+
+
+# ------------------------------------------------------------------------ bench spans
+
+
+@pytest.fixture(scope="module")
+def bench_connector_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_connector_db(tmp_path_factory.mktemp("bench") / "spans.db", bench=True)
+
+
+def test_bench_spans_labelled(bench_connector_db: Path) -> None:
+    """Bench spans are their own group wherever spans are grouped by connector."""
+    engine = queries.open_engine(str(bench_connector_db))
+    assert connector_queries.connectors(engine) == ["bench", "hybrid", "upstream"]
+    assert connector_queries.connector_values(engine) == ["bench", "hybrid", "upstream", None]
+    # the bench's minute alone (its handshake build is 50 ms before its first request)
+    assert connector_queries.connectors(engine, BENCH_T0 - 10**9, BENCH_T0 + 10**9) == ["bench"]
+    g = connector_queries.desc_build_stats(engine)
+    got = {(r[A.KV_DESC_SCOPE], r[A.CONNECTOR]): (r["builds"], r["descriptors"], r["bytes"])
+           for r in g.to_dict("records")}
+    # bench: one local build (50 / 5 kB), two mapping builds of 6 / 600 B; hybrid's rows
+    # are those of the database without bench spans (test_desc_build_stats_by_hand)
+    assert got[("local", "bench")] == (1, 50, 5_000)
+    assert got[("request", "bench")] == (2, 12, 1_200)
+    assert got[("local", "hybrid")] == (2, 200, 20_000)
+    assert got[("request", "hybrid")] == (3, 30, 2_700)
+    assert len(got) == 8, got
+    rows = connector_queries.desc_builds(engine)
+    assert rows[A.CONNECTOR].value_counts().to_dict() == {"hybrid": 6, "upstream": 4, "bench": 3}
+
+
+def test_bench_spans_not_compared(bench_connector_db: Path, connector_db: Path) -> None:
+    """Bench spans share request ids r0, r1 with both connectors, yet change no figure of
+    the ours-vs-upstream comparison; asked for, they come out as a third group."""
+    engine = queries.open_engine(str(bench_connector_db))
+    cmp = connector_queries.connector_reads(engine)
+    assert set(cmp["connector"]) == {"hybrid", "upstream"}
+    without = connector_queries.connector_reads(queries.open_engine(str(connector_db)))
+    pd.testing.assert_frame_equal(cmp, without)
+    med = connector_queries.comparison_medians(connector_queries.comparison_per_request(cmp))
+    med = med.set_index("connector")
+    # as in test_connector_comparison_by_hand: hybrid 3 requests of 5 READs, 9 descriptors
+    # and 900 B (1.8 descriptors, 180 B per READ); r0/r1 not merged with bench's
+    assert med.loc["hybrid"].tolist() == [3, 5, 1.8, 180, 9, 900, 10]
+    assert med.loc["upstream"].tolist() == [2, 1, 40, 1000, 40, 1000, 40]
+    kinds = connector_queries.comparison_per_kind(cmp)
+    assert set(kinds["connector"]) == {"hybrid", "upstream"}
+    fig = figures.connector_comparison(kinds)
+    assert {tr.name for tr in fig.data} == {"hybrid", "upstream"}
+
+    every = connector_queries.connector_reads(
+        engine, compared=(*connector_queries.COMPARED_CONNECTORS, connector_queries.BENCH))
+    per = connector_queries.comparison_per_request(every).set_index(["connector", "request_id"])
+    cols = ["reads", "descriptors", "bytes", "mapping_descriptors", "descriptors_per_read",
+            "bytes_per_read"]
+    for rid in ("r0", "r1"):
+        # 2 READs of 5 descriptors / 2000 B: 10, 4000; mapping 6; 10/2 = 5, 4000/2 = 2000
+        assert per.loc[("bench", rid), cols].tolist() == [2, 10, 4000, 6, 5, 2000], rid
+        assert per.loc[("hybrid", rid), cols].tolist() == [5, 9, 900, 10, 1.8, 180], rid
+    assert len(per) == 7  # 3 hybrid + 2 upstream + 2 bench requests
+    med = connector_queries.comparison_medians(connector_queries.comparison_per_request(every))
+    assert med.set_index("connector").loc["bench"].tolist() == [2, 2, 5, 2000, 10, 4000, 6]
+    kinds = connector_queries.comparison_per_kind(every).set_index(["connector", "layer_kind"])
+    assert kinds.loc[("bench", "attention"), ["reads", "descriptors_per_read",
+                                              "bytes_per_read"]].tolist() == [4, 5, 2000]
+
+
+def test_bench_colour_in_descriptor_bars(bench_connector_db: Path) -> None:
+    g = connector_queries.desc_build_stats(queries.open_engine(str(bench_connector_db)))
+    fig = figures.descriptor_bars(g)
+    colours = {tr.name: tr.marker.color for tr in fig.data}
+    assert colours == figures.CONNECTOR_COLOURS and len(set(colours.values())) == 3
+    bench = next(tr for tr in fig.data if tr.name == "bench")
+    assert dict(zip(bench.x, bench.y, strict=True)) == {"local": 50, "request": 12}
 
 
 # -------------------------------------------------------------- indexes and older files
@@ -547,16 +684,18 @@ def test_whole_range_queries_use_indexes(connector_db: Path) -> None:
     """Each whole-range query is answered from its index, never by a full table scan."""
     engine = queries.open_engine(str(connector_db))
     expect = {
-        "transfer_stats": ([lambda: queries.transfer_stats(engine, by=()),
-                            lambda: queries.transfer_stats(engine)],
+        "transfer_stats": ([lambda: transfer_queries.transfer_stats(engine, by=()),
+                            lambda: transfer_queries.transfer_stats(engine)],
                            "COVERING INDEX ix_spans_transfer_cover"),
-        "transfer_buckets": ([lambda: queries.transfer_buckets(engine, T0, UPSTREAM_T0 + 10**9)],
+        "transfer_buckets": ([lambda: transfer_queries.transfer_buckets(engine, T0,
+                                                                         UPSTREAM_T0 + 10**9)],
                              "COVERING INDEX ix_spans_transfer_cover"),
-        "request_list": ([lambda: queries.request_list(engine, "slowest")],
+        "request_list": ([lambda: timeline_queries.request_list(engine, "slowest")],
                          "COVERING INDEX ix_spans_transfer_cover"),
-        "failures": ([lambda: queries.failures(engine),
-                      lambda: queries.failure_counts(engine)], "ix_spans_error_start_ns"),
-        "connectors": ([lambda: queries.connectors(engine)], "ix_spans_name_connector_start_ns"),
+        "failures": ([lambda: transfer_queries.failures(engine),
+                      lambda: transfer_queries.failure_counts(engine)], "ix_spans_error_start_ns"),
+        "connectors": ([lambda: connector_queries.connectors(engine)],
+                       "ix_spans_name_connector_start_ns"),
     }
     for what, (calls, index) in expect.items():
         plans = captured_plans(engine, connector_db, calls)
@@ -567,7 +706,8 @@ def test_whole_range_queries_use_indexes(connector_db: Path) -> None:
         assert any(index in plan for _, plan in plans), f"{what}: {index} unused: {plans}"
     # ours vs upstream: the newest READs of a connector by the connector index, then their
     # requests by request id (not every READ of the connector through the connector index)
-    plans = captured_plans(engine, connector_db, [lambda: queries.connector_reads(engine)])
+    plans = captured_plans(engine, connector_db,
+                           [lambda: connector_queries.connector_reads(engine)])
     (outer,) = [p for sql, p in plans if sql.lstrip().startswith("SELECT spans.request_id, spans.name")][:1]
     assert outer.split(" | ")[0] == "SEARCH spans USING INDEX ix_spans_request_id_start_ns (request_id=?)", outer
     assert "ix_spans_name_connector_start_ns (name=? AND <expr>=?)" in outer, outer
@@ -581,14 +721,16 @@ def test_older_database_same_answers(connector_db: Path, tmp_path: Path) -> None
     assert status.missing_indexes == DASHBOARD_INDEXES
     assert queries.check_db(str(connector_db)).missing_indexes == ()
     new_e, old_e = queries.open_engine(str(connector_db)), queries.open_engine(str(old))
-    for fn in (lambda e: queries.transfer_stats(e), lambda e: queries.transfer_stats(e, by=()),
-               lambda e: queries.transfer_buckets(e, T0, UPSTREAM_T0 + 10**9),
-               lambda e: queries.failures(e), lambda e: queries.read_stats(e),
-               lambda e: queries.desc_build_stats(e), lambda e: queries.connector_reads(e),
-               lambda e: queries.request_list(e, "slowest")):
+    for fn in (lambda e: transfer_queries.transfer_stats(e),
+               lambda e: transfer_queries.transfer_stats(e, by=()),
+               lambda e: transfer_queries.transfer_buckets(e, T0, UPSTREAM_T0 + 10**9),
+               lambda e: transfer_queries.failures(e), lambda e: transfer_queries.read_stats(e),
+               lambda e: connector_queries.desc_build_stats(e),
+               lambda e: connector_queries.connector_reads(e),
+               lambda e: timeline_queries.request_list(e, "slowest")):
         pd.testing.assert_frame_equal(fn(new_e), fn(old_e))
-    assert queries.failure_counts(old_e) == queries.failure_counts(new_e)
-    assert queries.connectors(old_e) == queries.connectors(new_e)
+    assert transfer_queries.failure_counts(old_e) == transfer_queries.failure_counts(new_e)
+    assert connector_queries.connectors(old_e) == connector_queries.connectors(new_e)
     # the SQL the dashboard offers adds exactly what was missing
     con = sqlite3.connect(old)
     con.executescript(queries.create_index_sql(status.missing_indexes))

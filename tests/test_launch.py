@@ -1,12 +1,21 @@
-"""Launch planning: engine commands, kv-transfer config, CPU binding (pure, no engines)."""
+"""``hybrid-pd serve`` without engines: engine commands, kv-transfer config, CPU binding
+(hybrid_pd.serve.engines), the serve arguments (hybrid_pd.serve.cli) and the supervisor
+on plain Python children (hybrid_pd.serve.supervisor)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
+from helpers import free_port
 
-from hybrid_pd.launch import (
+from hybrid_pd import cli, settings
+from hybrid_pd.serve import engines as E
+from hybrid_pd.serve.cli import kv_extra_from_args, launch_config_from_args, ports_from_args
+from hybrid_pd.serve.engines import (
     EngineSpec,
     LaunchConfig,
     default_kv_extra,
@@ -15,6 +24,28 @@ from hybrid_pd.launch import (
     kv_transfer_config,
     plan_cpu_binding,
 )
+from hybrid_pd.serve.supervisor import (
+    Child,
+    LaunchError,
+    Ports,
+    Supervisor,
+    build_reference_supervisor,
+    build_supervisor,
+    proxy_command,
+)
+
+
+def kv_config_of(cmd: list[str]) -> dict:
+    return json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+
+
+def serve_args(*argv: str):
+    args, extra = cli.build_parser("serve").parse_known_args(["serve", *argv])
+    args.extra = extra
+    return args
+
+
+# -- engines: command, kv-transfer config, environment ---------------------------------
 
 
 def test_kv_transfer_config_roles():
@@ -33,32 +64,41 @@ def test_engine_command_passes_user_args_and_connector():
     assert cmd[:5] == ["py", "-m", "hybrid_pd.vllm_cli", "serve", "/m"]
     assert cmd[cmd.index("--port") + 1] == "8100" and cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # loopback by default
-    assert json.loads(cmd[cmd.index("--kv-transfer-config") + 1])["kv_role"] == "kv_producer"
+    assert kv_config_of(cmd)["kv_role"] == "kv_producer"
     assert cmd[-2:] == ["--max-model-len", "4096"] and "--enforce-eager" in cmd
-    extra = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
-    assert extra["kv_lease_duration"] == 120
+    assert kv_config_of(cmd)["kv_connector_extra_config"][settings.KEY_LEASE] == settings.DEFAULT_LEASE_S
     ref = engine_command(LaunchConfig(model="/m", enforce_eager=False), EngineSpec("reference", "single", 1), python="py")
     assert "--kv-transfer-config" not in ref and "--enforce-eager" not in ref
 
 
 def test_default_kv_extra_limits_nixl_threads_on_small_machines():
-    assert dict(default_kv_extra(2)) == {"kv_lease_duration": 120, "num_threads": 1,
-                                         "hybrid_read_timeout_s": 60.0}
-    assert dict(default_kv_extra(64, lease_s=45, read_timeout_s=5)) == {
-        "kv_lease_duration": 45, "hybrid_read_timeout_s": 5}
+    assert dict(default_kv_extra(settings.FEW_CORES - 1)) == {
+        settings.KEY_LEASE: settings.DEFAULT_LEASE_S, settings.KEY_NUM_THREADS: 1,
+        settings.KEY_READ_TIMEOUT: settings.DEFAULT_READ_TIMEOUT_S}
+    assert dict(default_kv_extra(settings.FEW_CORES, lease_s=45, read_timeout_s=5)) == {
+        settings.KEY_LEASE: 45, settings.KEY_READ_TIMEOUT: 5}
 
 
 def test_engine_env_ports_binding_and_reference_layout():
     cfg = LaunchConfig(model="/m")
     env = engine_env(cfg, EngineSpec("decode", "decode", 1, side_channel_port=5700), {}, "1")
-    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5700" and env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env[settings.ENV_SIDE_CHANNEL_PORT] == "5700" and env[E.ENV_SIDE_CHANNEL_HOST] == "127.0.0.1"
+    assert env[E.ENV_CPU_THREADS_BIND] == "1" and env[E.ENV_CPU_KVCACHE_SPACE] == "1"
     # the user's own binding and cache size win
-    env = engine_env(cfg, EngineSpec("decode", "decode", 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-3",
-                                                              "VLLM_CPU_KVCACHE_SPACE": "8"}, "1")
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and env["VLLM_CPU_KVCACHE_SPACE"] == "8"
+    env = engine_env(cfg, EngineSpec("decode", "decode", 1), {E.ENV_CPU_THREADS_BIND: "0-3",
+                                                              E.ENV_CPU_KVCACHE_SPACE: "8"}, "1")
+    assert env[E.ENV_CPU_THREADS_BIND] == "0-3" and env[E.ENV_CPU_KVCACHE_SPACE] == "8"
     ref = engine_env(cfg, EngineSpec("reference", "single", 1), {}, None)
-    assert ref["VLLM_SSM_CONV_STATE_LAYOUT"] == "DS" and "VLLM_CPU_OMP_THREADS_BIND" not in ref
+    assert ref[settings.ENV_CONV_LAYOUT] == "DS" and E.ENV_CPU_THREADS_BIND not in ref
+
+
+def test_engine_env_telemetry_only_for_connector_engines():
+    cfg = LaunchConfig(model="/m", telemetry_db="/tmp/t.db", extra_env=((settings.ENV_ROLE, "x"),))
+    env = engine_env(cfg, EngineSpec("prefill", "prefill", 1), {}, None)
+    assert env[settings.ENV_TELEMETRY_DB] == "/tmp/t.db"
+    assert env[settings.ENV_ROLE] == "x"  # extra_env is applied last
+    ref = engine_env(LaunchConfig(model="/m", telemetry_db="/tmp/t.db"), EngineSpec("r", "single", 1), {}, None)
+    assert settings.ENV_TELEMETRY_DB not in ref and settings.ENV_ROLE not in ref
 
 
 @pytest.mark.parametrize(
@@ -97,9 +137,112 @@ def test_other_binding_modes():
 
 
 def test_kv_extra_overrides_defaults_one_key_at_a_time():
-    cfg = LaunchConfig(model="m", kv_extra=(("kv_lease_duration", 5),))
-    cmd = engine_command(cfg, EngineSpec("decode", "decode", 8200, 1, 5700))
-    kvt = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+    cfg = LaunchConfig(model="m", kv_extra=((settings.KEY_LEASE, 5),))
+    kvt = kv_config_of(engine_command(cfg, EngineSpec("decode", "decode", 8200, 1, 5700)))
     extra = kvt["kv_connector_extra_config"]
-    assert extra["kv_lease_duration"] == 5 and extra["hybrid_read_timeout_s"] == 60.0
+    assert extra[settings.KEY_LEASE] == 5 and extra[settings.KEY_READ_TIMEOUT] == settings.DEFAULT_READ_TIMEOUT_S
     assert kvt["kv_connector"] == "HybridNixlConnector"  # ours is the default
+
+
+# -- the serve arguments -----------------------------------------------------------------
+
+
+def test_serve_defaults_are_the_settings_ports():
+    args = serve_args("/m")
+    assert (args.port, args.prefill_port, args.decode_port) == (
+        settings.PORT_PROXY, settings.PORT_PREFILL, settings.PORT_DECODE)
+    assert (args.prefill_side_channel_port, args.decode_side_channel_port) == (
+        settings.PORT_PREFILL_SIDE_CHANNEL, settings.PORT_DECODE_SIDE_CHANNEL)
+    # Ports from the defaults is Ports(): one set of numbers
+    assert ports_from_args(args) == Ports()
+    assert args.host == LaunchConfig(model="m").host and args.connector == E.DEFAULT_CONNECTOR
+
+
+def test_proxy_cli_defaults_match_serve():
+    args = cli.build_parser("proxy").parse_args(["proxy", "--prefill-url", "p", "--decode-url", "d"])
+    assert args.port == settings.PORT_PROXY and args.host == E.DEFAULT_HOST
+    assert args.timeout == E.DEFAULT_PROXY_TIMEOUT_S
+
+
+def test_serve_kv_options_become_settings_keys(tmp_path: Path):
+    args = serve_args("/m", "--kv-read-timeout", "5", "--kv-read-granularity", "sampled:3",
+                      "--no-telemetry", "--max-model-len", "64")
+    assert dict(kv_extra_from_args(args)) == {settings.KEY_READ_TIMEOUT: 5.0,
+                                              settings.KEY_READ_GRANULARITY: "sampled:3"}
+    cfg = launch_config_from_args(args, tmp_path)
+    assert cfg.telemetry_db is None and cfg.engine_args == ("--max-model-len", "64")
+    sup = build_supervisor(cfg, tmp_path, ports_from_args(args))
+    assert [c.name for c in sup.children] == ["prefill", "decode", "proxy"]
+    for child, role in zip(sup.children[:2], ("kv_producer", "kv_consumer"), strict=True):
+        kvt = kv_config_of(child.cmd)
+        assert kvt["kv_role"] == role
+        assert kvt["kv_connector_extra_config"] == {
+            **dict(default_kv_extra(len(os.sched_getaffinity(0)))),
+            settings.KEY_READ_TIMEOUT: 5.0, settings.KEY_READ_GRANULARITY: "sampled:3"}
+    assert sup.children[0].env[settings.ENV_SIDE_CHANNEL_PORT] == str(settings.PORT_PREFILL_SIDE_CHANNEL)
+    assert sup.children[1].env[settings.ENV_SIDE_CHANNEL_PORT] == str(settings.PORT_DECODE_SIDE_CHANNEL)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--kv-read-timeout", "0", "must be > 0 seconds"),
+    ("--kv-read-granularity", "sometimes", "--kv-read-granularity"),
+])
+def test_serve_rejects_bad_kv_options(flag: str, value: str, message: str):
+    with pytest.raises(SystemExit, match=message):
+        kv_extra_from_args(serve_args("/m", flag, value))
+
+
+def test_telemetry_db_defaults_to_the_run_dir(tmp_path: Path):
+    cfg = launch_config_from_args(serve_args("/m"), tmp_path / "run")
+    assert cfg.telemetry_db == str((tmp_path / "run" / "telemetry.db").resolve())
+    sup = build_supervisor(cfg, tmp_path / "run", Ports())
+    proxy = sup.children[-1].cmd
+    assert proxy[proxy.index("--telemetry-db") + 1] == cfg.telemetry_db
+    assert sup.children[0].env[settings.ENV_TELEMETRY_DB] == cfg.telemetry_db
+    assert sup.children[0].env[settings.ENV_ROLE] == "prefill"
+
+
+def test_proxy_command_points_at_p_and_d():
+    cmd = proxy_command(LaunchConfig(model="m"), Ports(), 7.0, python="py")
+    assert cmd[:4] == ["py", "-m", "hybrid_pd.cli", "proxy"]
+    assert cmd[cmd.index("--prefill-url") + 1] == f"http://127.0.0.1:{settings.PORT_PREFILL}"
+    assert cmd[cmd.index("--decode-url") + 1] == f"http://127.0.0.1:{settings.PORT_DECODE}"
+    assert cmd[cmd.index("--port") + 1] == str(settings.PORT_PROXY)
+    assert cmd[cmd.index("--timeout") + 1] == "7.0" and "--telemetry-db" not in cmd
+
+
+def test_reference_supervisor_is_one_plain_engine(tmp_path: Path):
+    sup = build_reference_supervisor(LaunchConfig(model="m"), tmp_path, Ports().reference)
+    (child,) = sup.children
+    assert child.name == "reference" and "--kv-transfer-config" not in child.cmd
+    assert child.health_url == f"http://127.0.0.1:{Ports().reference}/health"
+
+
+# -- the supervisor on plain Python children ----------------------------------------------
+
+
+def python_child(tmp: Path, name: str, code: str) -> Child:
+    return Child(name, [sys.executable, "-c", code], {}, tmp / f"{name}.log",
+                 f"http://127.0.0.1:{free_port()}/health")
+
+
+def test_child_that_dies_while_starting_is_named_with_its_log(tmp_path: Path):
+    sup = Supervisor(tmp_path)
+    sup.add(python_child(tmp_path, "p", "print('no such model', flush=True); raise SystemExit(3)"))
+    with sup:
+        sup.start()
+        with pytest.raises(LaunchError, match=r"p exited with code 3 while starting") as err:
+            sup.wait_healthy(30, progress=False)
+    assert "no such model" in str(err.value)
+    assert sup.dead() == sup.children
+
+
+def test_slow_child_times_out_and_is_stopped(tmp_path: Path, capsys: pytest.CaptureFixture):
+    sup = Supervisor(tmp_path)
+    child = sup.add(python_child(tmp_path, "d", "import time; time.sleep(60)"))
+    with sup:
+        sup.start()
+        with pytest.raises(LaunchError, match=r"not healthy after 0 s: d"):
+            sup.wait_healthy(0)
+    assert child.proc is not None and child.proc.poll() is not None  # stopped on exit
+    assert "[hybrid-pd]" in (err := capsys.readouterr().err) and "d: starting" in err

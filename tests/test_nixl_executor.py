@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from hybrid_pd.bench.runner import BenchSession, build_case, make_init
-from hybrid_pd.transfer.executor import (
-    LeaseTable,
+from hybrid_pd.transfer.leases import LeaseTable
+from hybrid_pd.transfer.reads import (
     layer_of_units,
     parse_granularity,
     per_layer_for,

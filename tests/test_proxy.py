@@ -11,7 +11,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from hybrid_pd.proxy import EngineError, ProxyConfig, create_app, decode_request, prefill_request
+from hybrid_pd.serve.proxy import ProxyConfig, create_app, decode_request, prefill_request
+from hybrid_pd.serve.proxy_calls import EngineError
+from hybrid_pd.settings import TRACE_PARAMS_KEY
 
 P, D = "http://p", "http://d"
 KV = {"do_remote_prefill": True, "remote_engine_id": "e1", "remote_block_ids": [[1, 2]],
@@ -85,8 +87,8 @@ def test_request_goes_to_p_then_d(path):
     # P's params reach D unchanged, plus the trace hand-off for the engines' connector
     tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"  # no tracer here: the caller's, forwarded
     assert d_req["body"]["kv_transfer_params"] == {
-        **KV, "hybrid_pd_trace": {"request_id": rid, "traceparent": tp}}
-    assert p_req["body"]["kv_transfer_params"]["hybrid_pd_trace"] == {"request_id": rid, "traceparent": tp}
+        **KV, TRACE_PARAMS_KEY: {"request_id": rid, "traceparent": tp}}
+    assert p_req["body"]["kv_transfer_params"][TRACE_PARAMS_KEY] == {"request_id": rid, "traceparent": tp}
     assert d_req["body"]["max_tokens"] == 9
     # one request id and the caller's trace context reach both engines
     assert p_req["headers"]["x-request-id"] == d_req["headers"]["x-request-id"] == rid
@@ -134,3 +136,69 @@ def test_timeout_is_504_not_a_hang():
     with TestClient(app) as c:
         r = c.post("/v1/completions", json={"model": "m", "prompt": "hi"})
     assert r.status_code == 504 and "prefill engine: no answer within" in r.json()["error"]["message"]
+
+
+def test_prefill_answer_without_kv_params_is_a_prefill_error():
+    def engines(request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "p", "D must not be asked"
+        return httpx.Response(200, json={"choices": [{"text": "x"}]})
+
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines))
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert r.status_code == 502
+    assert r.json()["error"]["type"] == "prefill_error" and "kv_role=kv_producer" in r.text
+
+
+def test_broken_decode_stream_ends_with_an_error_event():
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'data: {"choices": [{"text": "a"}]}\n\n'
+            raise httpx.ReadError("connection reset")
+
+    def engines(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "p":
+            return httpx.Response(200, json={"kv_transfer_params": KV})
+        return httpx.Response(200, stream=Broken(), headers={"content-type": "text/event-stream"})
+
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines))
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[0]["choices"][0]["text"] == "a"
+    assert events[-1]["error"]["type"] == "decode_error"
+    assert events[-1]["error"]["message"].startswith("decode engine: stream broke: ReadError")
+
+
+def test_health_names_each_engine():
+    def engines(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "p":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200)
+
+    with client_for(FakeEngines()) as c:
+        r = c.get("/health")
+    assert r.status_code == 200 and r.json() == {"prefill": "ok", "decode": "ok"}
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines))
+    with TestClient(app) as c:
+        r = c.get("/health")
+    assert r.status_code == 503 and r.json() == {"prefill": "unreachable: ConnectError", "decode": "ok"}
+
+
+def test_models_come_from_decode():
+    def engines(request: httpx.Request) -> httpx.Response:
+        assert (request.url.host, request.url.path) == ("d", "/v1/models")
+        return httpx.Response(200, json={"data": [{"id": "m"}]})
+
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(engines))
+    with TestClient(app) as c:
+        r = c.get("/v1/models")
+    assert r.status_code == 200 and r.json() == {"data": [{"id": "m"}]}
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(down))
+    with TestClient(app) as c:
+        r = c.get("/v1/models")
+    assert r.status_code == 502 and r.json()["error"]["message"].startswith("decode engine: unreachable: ")

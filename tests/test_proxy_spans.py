@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
 
-from hybrid_pd.proxy import ProxyConfig, create_app
+from hybrid_pd.serve.proxy import ProxyConfig, create_app
 from hybrid_pd.telemetry import attributes as A
 from tests.test_proxy import FakeEngines
 

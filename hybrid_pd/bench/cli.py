@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_pd.planner.cli import add_request_args
-from hybrid_pd.transfer.executor import parse_granularity
+from hybrid_pd.transfer.reads import parse_granularity
 
 
 def _validated(parse: Callable[[str], object]) -> Callable[[str], str]:

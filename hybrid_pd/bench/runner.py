@@ -61,7 +61,7 @@ from hybrid_pd.planner.layout import ConvLayout, EngineLayout, build_engine_layo
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
 from hybrid_pd.planner.plan import RequestPlan, plan_request
 from hybrid_pd.transfer import wire
-from hybrid_pd.transfer.executor import parse_granularity, per_layer_for
+from hybrid_pd.transfer.reads import parse_granularity, per_layer_for
 
 TELEMETRY_MODES = ("off", "sqlite", "sqlite+otlp")
 TELEMETRY_COMPARE = ("off", "sqlite", "sqlite+otlp")  # what "compare" stands for

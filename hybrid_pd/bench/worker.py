@@ -34,12 +34,9 @@ from hybrid_pd.planner.reshard import make_full_state, shard_rank
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.transfer import handshake as hs
 from hybrid_pd.transfer import wire
-from hybrid_pd.transfer.executor import (
-    LeaseTable,
-    NixlExecutor,
-    RequestResult,
-    make_agent,
-)
+from hybrid_pd.transfer.agent import make_agent
+from hybrid_pd.transfer.executor import NixlExecutor, RequestResult
+from hybrid_pd.transfer.leases import LeaseTable
 
 SERVICE_NAME = "hybrid-pd-bench"
 

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybrid_pd.dashboard.queries import ENV_DB, is_sqlite_target
+from hybrid_pd.dashboard.queries import is_sqlite_target
+from hybrid_pd.settings import ENV_TELEMETRY_DB
 
 APP = Path(__file__).with_name("app.py")
 HOST = "127.0.0.1"  # loopback only: spans name engines and hosts, not for the open network
@@ -47,8 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--db", default=os.environ.get(ENV_DB),
-                   help=f"spans database: a SQLite path or a SQLAlchemy URL (default: ${ENV_DB})")
+    p.add_argument("--db", default=os.environ.get(ENV_TELEMETRY_DB),
+                   help="spans database: a SQLite path or a SQLAlchemy URL "
+                   f"(default: ${ENV_TELEMETRY_DB})")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     p.set_defaults(func=run)
 
@@ -61,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
         # printed command should make sense to copy into another shell too.
         if is_sqlite_target(db) and "://" not in db:
             db = str(Path(db).expanduser().resolve())
-        env[ENV_DB] = db
+        env[ENV_TELEMETRY_DB] = db
     port = args.port or free_port()
-    print(f"[hybrid-pd dashboard] database: {env.get(ENV_DB, '(none; set --db)')}", flush=True)
+    shown = env.get(ENV_TELEMETRY_DB, "(none; set --db)")
+    print(f"[hybrid-pd dashboard] database: {shown}", flush=True)
     print(f"[hybrid-pd dashboard] open http://{HOST}:{port}/", flush=True)
     try:
         return subprocess.call(streamlit_command(port), env=env)

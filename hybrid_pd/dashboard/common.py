@@ -15,7 +15,8 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import Engine
 
-from hybrid_pd.dashboard import queries
+from hybrid_pd.dashboard import connector_queries, queries, timeline_queries, transfer_queries
+from hybrid_pd.settings import ENV_TELEMETRY_DB
 
 TTL_S = 10  # seconds a cached load stays valid; also the shortest auto-refresh period
 
@@ -52,33 +53,33 @@ def time_bounds(db: str) -> tuple[int | None, int | None]:
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading transfers…")
 def transfers(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.transfers(get_engine(db), start_ns, end_ns)
+    return transfer_queries.transfers(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading reads…")
 def reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.reads(get_engine(db), start_ns, end_ns)
+    return transfer_queries.reads(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def desc_builds(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.desc_builds(get_engine(db), start_ns, end_ns)
+    return connector_queries.desc_builds(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def failures(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.failures(get_engine(db), start_ns, end_ns)
+    return transfer_queries.failures(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def failure_counts(db: str, start_ns: int | None, end_ns: int | None) -> dict[str, int]:
-    return queries.failure_counts(get_engine(db), start_ns, end_ns)
+    return transfer_queries.failure_counts(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Aggregating transfers…")
 def transfer_stats(db: str, start_ns: int | None, end_ns: int | None,
                    by: tuple[str, ...] = ("engine_id", "rank")) -> pd.DataFrame:
-    return queries.transfer_stats(get_engine(db), start_ns, end_ns, by)
+    return transfer_queries.transfer_stats(get_engine(db), start_ns, end_ns, by)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -89,38 +90,38 @@ def transfer_buckets(db: str, start_ns: int | None, end_ns: int | None) -> pd.Da
         start_ns = lo if start_ns is None else start_ns
         end_ns = hi if end_ns is None else end_ns
     if start_ns is None or end_ns is None:
-        return queries.transfer_buckets(get_engine(db), 0, -1)  # no spans: no rows
-    return queries.transfer_buckets(get_engine(db), start_ns, end_ns)
+        return transfer_queries.transfer_buckets(get_engine(db), 0, -1)  # no spans: no rows
+    return transfer_queries.transfer_buckets(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def read_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.read_stats(get_engine(db), start_ns, end_ns)
+    return transfer_queries.read_stats(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def desc_build_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.desc_build_stats(get_engine(db), start_ns, end_ns)
+    return connector_queries.desc_build_stats(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def connectors(db: str, start_ns: int | None, end_ns: int | None) -> list[str]:
-    return queries.connectors(get_engine(db), start_ns, end_ns)
+    return connector_queries.connectors(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Comparing connectors…")
 def connector_reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return queries.connector_reads(get_engine(db), start_ns, end_ns)
+    return connector_queries.connector_reads(get_engine(db), start_ns, end_ns)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def request_list(db: str, order: queries.RequestOrder) -> pd.DataFrame:
-    return queries.request_list(get_engine(db), order)
+def request_list(db: str, order: timeline_queries.RequestOrder) -> pd.DataFrame:
+    return timeline_queries.request_list(get_engine(db), order)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading the request's spans…")
 def request_timeline(db: str, request_id: str) -> pd.DataFrame:
-    return queries.request_timeline(get_engine(db), request_id)
+    return timeline_queries.request_timeline(get_engine(db), request_id)
 
 
 def require_db() -> str:
@@ -129,7 +130,7 @@ def require_db() -> str:
     if not db:
         st.warning(
             f"No database selected. Start the dashboard with `hybrid-pd dashboard --db PATH` "
-            f"or set `{queries.ENV_DB}`.\n\n{queries.PRODUCE_SPANS_HINT}"
+            f"or set `{ENV_TELEMETRY_DB}`.\n\n{queries.PRODUCE_SPANS_HINT}"
         )
         st.stop()
     status = db_status(db)

@@ -10,7 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from hybrid_pd.dashboard.queries import fmt_width
+from hybrid_pd.dashboard.connector_queries import BENCH, OURS, UPSTREAM
+from hybrid_pd.dashboard.transfer_queries import fmt_width
 from hybrid_pd.telemetry import attributes as A
 
 # Category -> colour.  Layer kinds first (the READ rows), then the other span kinds.
@@ -27,8 +28,8 @@ COLOURS: dict[str, str] = {
     "failure": "#d62728",
 }
 LAYER_KINDS: tuple[str, ...] = ("attention", "mamba", "mixed")
-# Connector -> colour: ours and upstream's keep their colour on every chart.
-CONNECTOR_COLOURS: dict[str, str] = {"hybrid": "#2ca02c", "upstream": "#7f7f7f"}
+# Connector -> colour: ours, upstream's and the bench's keep their colour on every chart.
+CONNECTOR_COLOURS: dict[str, str] = {OURS: "#2ca02c", UPSTREAM: "#7f7f7f", BENCH: "#e377c2"}
 # Row order on the Gantt, top to bottom: the request's life in causal order.
 _CATEGORY_ORDER: tuple[str, ...] = (
     "proxy", "engine", "handshake", "descriptors", "transfer", *LAYER_KINDS, "notify", "failure",
@@ -182,7 +183,7 @@ LATENCY_AXIS_TITLE = "transfer latency (ms)"
 def latency_over_time(buckets: pd.DataFrame) -> go.Figure:
     """Transfer latency per time bucket and engine / D rank: the median as a line, the
     slowest transfer as a dot whose hover names its request (buckets from
-    ``queries.transfer_buckets``, aggregated in SQL)."""
+    ``transfer_queries.transfer_buckets``, aggregated in SQL)."""
     width = _width_text(buckets)
     df = buckets.assign(where=_where(buckets))
     fig = px.line(df, x="start", y="p50_ms", color="where", markers=True,
@@ -266,7 +267,8 @@ COMPARISON_METRICS: dict[str, str] = {
 
 def connector_comparison(per_kind: pd.DataFrame) -> go.Figure:
     """Ours vs upstream: descriptors and bytes per READ, grouped bars per layer kind and
-    connector, one panel per metric with its own y axis (``queries.comparison_per_kind``)."""
+    connector, one panel per metric with its own y axis
+    (``connector_queries.comparison_per_kind``)."""
     long = per_kind.melt(id_vars=["connector", "layer_kind", "reads"],
                          value_vars=list(COMPARISON_METRICS), var_name="metric")
     long["metric"] = long["metric"].map(COMPARISON_METRICS)

@@ -43,9 +43,10 @@ import pytest
 from helpers import free_port
 
 from e2e import span_checks
-from hybrid_pd import launch
 from hybrid_pd.metrics import scrape_gauges, scrape_nixl_metrics
-from hybrid_pd.proxy import decode_request, prefill_request
+from hybrid_pd.serve.engines import LaunchConfig
+from hybrid_pd.serve.proxy import decode_request, prefill_request
+from hybrid_pd.serve.supervisor import Child, Ports, Supervisor, build_supervisor
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.tiny_models import engine_args_for
 
@@ -81,7 +82,7 @@ def _read_timeout_implemented() -> bool:
 
 @dataclass
 class Pair:
-    sup: launch.Supervisor
+    sup: Supervisor
     run_dir: Path
     proxy: str
     prefill: str
@@ -91,7 +92,7 @@ class Pair:
     def db(self) -> Path:
         return self.run_dir / "telemetry.db"
 
-    def child(self, name: str) -> launch.Child:
+    def child(self, name: str) -> Child:
         return next(c for c in self.sup.children if c.name == name)
 
     def signal(self, name: str, sig: int) -> None:
@@ -105,16 +106,16 @@ class Pair:
 @contextlib.contextmanager
 def running_pair(tmp: Path, name: str, *, kv_extra: tuple = (), extra_env: tuple = (),
                  decode_model: Path | None = None, model: Path) -> Iterator[Pair]:
-    ports = launch.Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
-                         prefill_side_channel=free_port(), decode_side_channel=free_port())
-    kv = (("kv_lease_duration", LEASE_S), *kv_extra)  # over launch's default_kv_extra
+    ports = Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
+                  prefill_side_channel=free_port(), decode_side_channel=free_port())
+    kv = (("kv_lease_duration", LEASE_S), *kv_extra)  # over serve.engines.default_kv_extra
     run_dir = tmp / name
-    cfg = launch.LaunchConfig(
+    cfg = LaunchConfig(
         model=str(model), connector="hybrid", kv_extra=kv, extra_env=extra_env,
         engine_args=engine_args_for(str(model), ("--served-model-name", SERVED)),
         telemetry_db=str(run_dir / "telemetry.db"),
     )
-    sup = launch.build_supervisor(cfg, run_dir, ports)
+    sup = build_supervisor(cfg, run_dir, ports)
     if decode_model is not None:
         cmd = next(c for c in sup.children if c.name == "decode").cmd
         cmd[cmd.index(str(model))] = str(decode_model)

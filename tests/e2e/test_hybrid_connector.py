@@ -21,8 +21,9 @@ from helpers import free_port
 
 from e2e import span_checks
 from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
-from hybrid_pd import launch
 from hybrid_pd.metrics import NixlMetrics, scrape_nixl_metrics
+from hybrid_pd.serve.engines import LaunchConfig
+from hybrid_pd.serve.supervisor import build_reference_supervisor, build_supervisor
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -47,13 +48,13 @@ def run_pd(model: Path, tmp: Path, connector: str, prompts: list[list[int]],
            ) -> tuple[list[list[int]], list[NixlMetrics], str]:
     """Serve ``prompts`` one by one through P/D; tokens, per-request D metrics, D's log."""
     ports = pd_ports()
-    cfg = launch.LaunchConfig(model=str(model), connector=connector,
-                              engine_args=engine_args_for(str(model), engine_args),
-                              telemetry_db=str(telemetry_db) if telemetry_db else None,
-                              kv_extra=kv_extra)
+    cfg = LaunchConfig(model=str(model), connector=connector,
+                       engine_args=engine_args_for(str(model), engine_args),
+                       telemetry_db=str(telemetry_db) if telemetry_db else None,
+                       kv_extra=kv_extra)
     run_dir = tmp / f"pd-{connector}"
     tokens, per_request = [], []
-    with launch.build_supervisor(cfg, run_dir, ports) as sup:
+    with build_supervisor(cfg, run_dir, ports) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         proxy, decode = f"http://127.0.0.1:{ports.proxy}", f"http://127.0.0.1:{ports.decode}"
@@ -141,9 +142,9 @@ HETERO_LENGTHS = (9, 257, 700)
 def reference_tp(model: Path, tmp: Path, prompts: list[list[int]], tp: int) -> list[list[int]]:
     """A single engine at ``tp``: with random weights greedy near-ties can flip a token
     between TP sizes (different reduction order), so the reference is D's own TP."""
-    cfg = launch.LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()))
+    cfg = LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()))
     port = free_port()
-    with launch.build_reference_supervisor(cfg, tmp / f"ref-tp{tp}", port, tp=tp) as sup:
+    with build_reference_supervisor(cfg, tmp / f"ref-tp{tp}", port, tp=tp) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         with httpx.Client(timeout=300) as c:
@@ -153,14 +154,14 @@ def reference_tp(model: Path, tmp: Path, prompts: list[list[int]], tp: int) -> l
 def run_pd_tp(model: Path, tmp: Path, prompts: list[list[int]], prefill_tp: int,
               decode_tp: int, telemetry_db: Path) -> tuple[list[list[int]], list[NixlMetrics], str]:
     ports = pd_ports()
-    cfg = launch.LaunchConfig(model=str(model), connector="hybrid",
-                              engine_args=engine_args_for(str(model), ()),
-                              telemetry_db=str(telemetry_db))
+    cfg = LaunchConfig(model=str(model), connector="hybrid",
+                       engine_args=engine_args_for(str(model), ()),
+                       telemetry_db=str(telemetry_db))
     run_dir = tmp / f"pd-hybrid-p{prefill_tp}-d{decode_tp}"
     reads = max(prefill_tp, decode_tp)  # READs per request over all D ranks
     tokens, per_request = [], []
-    with launch.build_supervisor(cfg, run_dir, ports, prefill_tp=prefill_tp,
-                                 decode_tp=decode_tp) as sup:
+    with build_supervisor(cfg, run_dir, ports, prefill_tp=prefill_tp,
+                          decode_tp=decode_tp) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         proxy, decode = f"http://127.0.0.1:{ports.proxy}", f"http://127.0.0.1:{ports.decode}"

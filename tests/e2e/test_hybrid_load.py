@@ -15,7 +15,8 @@ import pytest
 from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from hybrid_pd import launch
+from hybrid_pd.serve.engines import LaunchConfig
+from hybrid_pd.serve.supervisor import Ports, build_reference_supervisor, build_supervisor
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -49,18 +50,18 @@ async def fire(url: str, model: str, prompts: list[list[int]]) -> list[list[int]
 
 def test_32_concurrent_requests_identical_and_no_leaked_blocks(tiny_models, tmp_path):
     model = str(tiny_models["tiny-nemotron-h"])
-    cfg = launch.LaunchConfig(model=model, connector="hybrid", engine_args=engine_args_for(model, ()))
+    cfg = LaunchConfig(model=model, connector="hybrid", engine_args=engine_args_for(model, ()))
     prompts = [prompt(i) for i in range(N_REQUESTS)]
 
     port = free_port()
-    with launch.build_reference_supervisor(cfg, tmp_path / "ref", port) as ref_sup:
+    with build_reference_supervisor(cfg, tmp_path / "ref", port) as ref_sup:
         ref_sup.start()
         ref_sup.wait_healthy(600, progress=False)
         ref = asyncio.run(fire(f"http://127.0.0.1:{port}", model, prompts))
 
-    ports = launch.Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
-                         prefill_side_channel=free_port(), decode_side_channel=free_port())
-    with launch.build_supervisor(cfg, tmp_path / "pd", ports) as sup:
+    ports = Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
+                  prefill_side_channel=free_port(), decode_side_channel=free_port())
+    with build_supervisor(cfg, tmp_path / "pd", ports) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         t0 = time.monotonic()

@@ -21,8 +21,14 @@ import psutil
 import pytest
 from helpers import free_port
 
-from hybrid_pd import launch
 from hybrid_pd.metrics import scrape_nixl_metrics
+from hybrid_pd.serve.engines import LaunchConfig
+from hybrid_pd.serve.supervisor import (
+    LaunchError,
+    Ports,
+    build_reference_supervisor,
+    build_supervisor,
+)
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -64,21 +70,21 @@ def streamed_tokens(client: httpx.Client, base: str, payload: dict, path: str = 
 
 
 def reference(model: Path, tmp: Path, prompts: list[list[int]], engine_args: tuple[str, ...]) -> list[list[int]]:
-    cfg = launch.LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), engine_args))
+    cfg = LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), engine_args))
     port = free_port()
-    with launch.build_reference_supervisor(cfg, tmp / "ref", port) as sup:
+    with build_reference_supervisor(cfg, tmp / "ref", port) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         with httpx.Client(timeout=300) as c:
             return generate(c, f"http://127.0.0.1:{port}", model, prompts)
 
 
-def pd_ports() -> launch.Ports:
-    return launch.Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
-                        prefill_side_channel=free_port(), decode_side_channel=free_port())
+def pd_ports() -> Ports:
+    return Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
+                 prefill_side_channel=free_port(), decode_side_channel=free_port())
 
 
-def check_pd(model: Path, ports: launch.Ports, prompts: list[list[int]], ref: list[list[int]]) -> None:
+def check_pd(model: Path, ports: Ports, prompts: list[list[int]], ref: list[list[int]]) -> None:
     proxy, decode = f"http://127.0.0.1:{ports.proxy}", f"http://127.0.0.1:{ports.decode}"
     with httpx.Client(timeout=300) as c:
         before = scrape_nixl_metrics(c, decode)
@@ -99,8 +105,8 @@ def test_hybrid_pd_matches_single_engine(tiny_models, tmp_path):
     prompts = [token_prompt(n) for n in HYBRID_LENGTHS]
     ref = reference(model, tmp_path, prompts, ())
     ports = pd_ports()
-    cfg = launch.LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()))
-    with launch.build_supervisor(cfg, tmp_path / "pd", ports) as sup:
+    cfg = LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()))
+    with build_supervisor(cfg, tmp_path / "pd", ports) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
         check_pd(model, ports, prompts, ref)
@@ -159,10 +165,10 @@ def test_dense_pd_via_serve_cli_and_clean_shutdown(tiny_models, tmp_path):
 def test_engine_that_dies_at_start_is_reported_not_hung(tmp_path):
     """A bad model path: serve must fail fast with the engine's own error, nothing left."""
     ports = pd_ports()
-    cfg = launch.LaunchConfig(model=str(tmp_path / "no-such-model"))
-    sup = launch.build_supervisor(cfg, tmp_path / "bad", ports)
+    cfg = LaunchConfig(model=str(tmp_path / "no-such-model"))
+    sup = build_supervisor(cfg, tmp_path / "bad", ports)
     t0 = time.monotonic()
-    with sup, pytest.raises(launch.LaunchError, match=r"exited with code \d+ while starting"):
+    with sup, pytest.raises(LaunchError, match=r"exited with code \d+ while starting"):
         sup.start()
         sup.wait_healthy(300, progress=False)
     assert time.monotonic() - t0 < 200

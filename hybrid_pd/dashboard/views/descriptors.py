@@ -1,46 +1,63 @@
-"""Descriptors: counts and bytes per build scope; ours vs upstream when both ran."""
+"""Descriptors: builds per scope and connector; ours vs upstream when both ran."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, figures, queries
+from hybrid_pd.dashboard import common, figures
+from hybrid_pd.dashboard import connector_queries as cq
 from hybrid_pd.telemetry import attributes as A
 
-OTHER_CONNECTOR = {"hybrid": "upstream", "upstream": "hybrid"}
+OTHER_CONNECTOR = {cq.OURS: cq.UPSTREAM, cq.UPSTREAM: cq.OURS}
+
+
+def explain_no_comparison(present: list[str], compared: list[str]) -> None:
+    """Why there is no comparison: no spans, only bench spans, or one connector only."""
+    if not present:
+        st.info("No READ or descriptor-build spans in this time range: nothing to compare.")
+        return
+    if not compared:
+        st.info(
+            f"Only `{cq.BENCH}` spans (from `hybrid-pd bench`) in this time range. They are "
+            f"counted above under their own label, not compared: the comparison sets "
+            f"`{cq.OURS}` beside `{cq.UPSTREAM}` as they serve requests in vLLM "
+            "(`hybrid-pd serve --connector … --telemetry-db …`)."
+        )
+        return
+    (only,) = compared
+    other = OTHER_CONNECTOR.get(only, "the other connector")
+    st.info(
+        f"Only the `{only}` connector ran in this time range, so there is nothing to "
+        f"compare it with. Run the same requests with `{other}` into this database "
+        f"(`hybrid-pd serve --connector {other} --telemetry-db …`) to see both side by side."
+    )
 
 
 def comparison(db: str, start: int | None, end: int | None) -> None:
     """Ours vs upstream per request and READ, when spans of both are in the range."""
     st.subheader("Ours vs upstream")
     present = common.connectors(db, start, end)
-    if len(present) < 2:
-        if not present:
-            st.info("No READ or descriptor-build spans in this time range: nothing to compare.")
-            return
-        (only,) = present
-        other = OTHER_CONNECTOR.get(only, "the other connector")
-        st.info(
-            f"Only the `{only}` connector ran in this time range, so there is nothing to "
-            f"compare it with. Run the same requests with `{other}` into this database "
-            f"(`hybrid-pd serve --connector {other} --telemetry-db …`) to see both side by side."
-        )
+    compared = [c for c in present if c in cq.COMPARED_CONNECTORS]
+    if len(compared) < 2:
+        explain_no_comparison(present, compared)
         return
     cmp = common.connector_reads(db, start, end)
-    per_request = queries.comparison_per_request(cmp)
+    per_request = cq.comparison_per_request(cmp)
     if per_request["connector"].nunique() < 2:
         st.info("Both connectors built descriptors, but READ spans with a request id exist "
                 f"for `{', '.join(per_request['connector'].unique()) or 'none'}` only.")
         return
     st.caption(
-        f"Per connector, up to {queries.COMPARE_MAX_REQUESTS:,} requests: the newest of those "
-        f"with one of its newest {queries.COMPARE_MAX_READS:,} READ spans in the range; each "
+        f"Per connector, up to {cq.COMPARE_MAX_REQUESTS:,} requests: the newest of those "
+        f"with one of its newest {cq.COMPARE_MAX_READS:,} READ spans in the range; each "
         "request counted whole (all its READs and its descriptor-id mapping). Bars: totals "
         "over those requests divided by their READs; table: medians over the requests."
+        + (f" `{cq.BENCH}` spans (from `hybrid-pd bench`, no vLLM) are left out."
+           if cq.BENCH in present else "")
     )
-    st.plotly_chart(figures.connector_comparison(queries.comparison_per_kind(cmp)),
+    st.plotly_chart(figures.connector_comparison(cq.comparison_per_kind(cmp)),
                     key="connector_comparison")
-    st.dataframe(queries.comparison_medians(per_request), hide_index=True,
+    st.dataframe(cq.comparison_medians(per_request), hide_index=True,
                  key="connector_medians")
 
 

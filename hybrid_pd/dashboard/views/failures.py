@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, queries
+from hybrid_pd.dashboard import common, transfer_queries
 from hybrid_pd.telemetry import attributes as A
 
 
@@ -21,9 +21,9 @@ def body() -> None:
     c[1].metric("stalls", n["stalls"])
     c[2].metric("aborts", n["aborts"])
     f = common.failures(db, start, end).copy()
-    if len(f) >= queries.FAILURES_MAX_ROWS:
-        st.caption(f"Newest {queries.FAILURES_MAX_ROWS:,} of them (the counts above cover "
-                   "the whole range; narrow it to list older ones).")
+    if len(f) >= transfer_queries.FAILURES_MAX_ROWS:
+        st.caption(f"Newest {transfer_queries.FAILURES_MAX_ROWS:,} of them (the counts above "
+                   "cover the whole range; narrow it to list older ones).")
     f["reason"] = f[A.KV_FAILURE_REASON].fillna(f["status_message"])
     f["timeline"] = "/timeline?request=" + f["request_id"].astype(str)
     st.dataframe(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, figures, queries
+from hybrid_pd.dashboard import common, figures, transfer_queries
 
 
 def body() -> None:
@@ -18,8 +18,8 @@ def body() -> None:
                 "(or `sampled:K`) to get one READ span per layer.")
         return
     st.subheader("READ latency per layer (attention vs Mamba)")
-    if len(rd) >= queries.READS_MAX_ROWS:
-        st.caption(f"Newest {queries.READS_MAX_ROWS:,} READ spans of the range "
+    if len(rd) >= transfer_queries.READS_MAX_ROWS:
+        st.caption(f"Newest {transfer_queries.READS_MAX_ROWS:,} READ spans of the range "
                    "(narrow the time range to see others).")
     st.plotly_chart(figures.layer_box(rd), key="layer_box")
     st.subheader("Bandwidth per layer")

@@ -1,15 +1,15 @@
 """Overview: transfers over time, latency percentiles, bandwidth, bytes, failures.
 
-Every number here is aggregated in SQL (``queries.transfer_stats`` / ``transfer_buckets``
-/ ``read_stats`` / ``failure_counts``): the page fetches a few hundred rows however many
-spans the range holds.
+Every number here is aggregated in SQL (``transfer_queries.transfer_stats`` /
+``transfer_buckets`` / ``read_stats`` / ``failure_counts``): the page fetches a few hundred
+rows however many spans the range holds.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, figures, queries
+from hybrid_pd.dashboard import common, figures, transfer_queries
 
 
 def body() -> None:
@@ -58,8 +58,8 @@ def body() -> None:
     rd = common.read_stats(db, start, end)
     if not rd.empty:
         st.subheader("READ spans")
-        if int(rd["reads"].sum()) >= queries.READS_MAX_ROWS:
-            st.caption(f"Newest {queries.READS_MAX_ROWS:,} READ spans of the range "
+        if int(rd["reads"].sum()) >= transfer_queries.READS_MAX_ROWS:
+            st.caption(f"Newest {transfer_queries.READS_MAX_ROWS:,} READ spans of the range "
                        "(narrow the time range to see others).")
         st.dataframe(rd, hide_index=True, key="reads_by_kind")
 

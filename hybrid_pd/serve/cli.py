@@ -1,0 +1,171 @@
+"""``hybrid-pd serve``: start P, D and the proxy; stop them all on Ctrl-C/SIGTERM or when
+one dies.  The launch arguments here are shared with ``hybrid-pd demo``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from hybrid_pd.serve.engines import (
+    CONNECTORS,
+    CPU_BIND_MODES,
+    DEFAULT_CONNECTOR,
+    DEFAULT_HOST,
+    ENV_CPU_KVCACHE_SPACE,
+    ENV_CPU_THREADS_BIND,
+    LaunchConfig,
+)
+from hybrid_pd.serve.supervisor import (
+    LaunchError,
+    Ports,
+    Supervisor,
+    build_supervisor,
+    default_run_dir,
+)
+from hybrid_pd.settings import (
+    DEFAULT_READ_TIMEOUT_S,
+    ENV_SIDE_CHANNEL_PORT,
+    KEY_READ_GRANULARITY,
+    KEY_READ_TIMEOUT,
+    PORT_DECODE,
+    PORT_DECODE_SIDE_CHANNEL,
+    PORT_PREFILL,
+    PORT_PREFILL_SIDE_CHANNEL,
+    PORT_PROXY,
+)
+from hybrid_pd.tiny_models import engine_args_for
+
+
+def add_common_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor parallel size of P")
+    p.add_argument("--decode-tp", type=int, default=1, help="tensor parallel size of D")
+    p.add_argument("--connector", choices=sorted(CONNECTORS), default=DEFAULT_CONNECTOR,
+                   help="KV connector: upstream = vLLM's NixlConnector; hybrid = ours "
+                        "(HybridNixlConnector: upstream plumbing, our descriptors and reads)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="bind address of all servers (loopback by default)")
+    p.add_argument("--port", type=int, default=PORT_PROXY, help="proxy port")
+    p.add_argument("--prefill-port", type=int, default=PORT_PREFILL)
+    p.add_argument("--decode-port", type=int, default=PORT_DECODE)
+    p.add_argument("--prefill-side-channel-port", type=int, default=PORT_PREFILL_SIDE_CHANNEL,
+                   help=f"NIXL handshake port of P ({ENV_SIDE_CHANNEL_PORT})")
+    p.add_argument("--decode-side-channel-port", type=int, default=PORT_DECODE_SIDE_CHANNEL)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help=f"KV cache per CPU engine ({ENV_CPU_KVCACHE_SPACE}) unless already set")
+    p.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                   help="let vLLM compile (slow to start on CPU)")
+    p.add_argument("--cpu-bind", choices=CPU_BIND_MODES, default="split",
+                   help=f"CPU engines: how OpenMP threads are bound ({ENV_CPU_THREADS_BIND}, "
+                   "which wins when set): split = disjoint cores per engine rank, else nobind")
+    p.add_argument("--run-dir", type=Path, default=None, help="where engine logs go")
+    p.add_argument("--telemetry-db", default=None, metavar="PATH|URL",
+                   help="span database written by P, D and the proxy (SQLite path or SQLAlchemy "
+                   "URL; default: RUN_DIR/telemetry.db); OTEL_* variables add OTLP export")
+    p.add_argument("--kv-read-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a KV READ still in flight after this long and fail its request "
+                   f"(kv_connector_extra_config.{KEY_READ_TIMEOUT}; default {DEFAULT_READ_TIMEOUT_S:g})")
+    p.add_argument("--kv-read-granularity", default=None, metavar="request|layer|sampled:K",
+                   help="our connector: one READ per P rank and request (default, upstream's), "
+                   "one per layer (per-layer timelines), or per layer for 1 request in K")
+    p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
+                   help="no span database (OTLP still follows the OTEL_* variables)")
+    p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
+
+
+def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """The kv_connector_extra_config entries the user set; the rest stay default_kv_extra's."""
+    out: list[tuple[str, object]] = []
+    if args.kv_read_timeout is not None:
+        if args.kv_read_timeout <= 0:
+            raise SystemExit(f"--kv-read-timeout must be > 0 seconds, got {args.kv_read_timeout}")
+        out.append((KEY_READ_TIMEOUT, args.kv_read_timeout))
+    if args.kv_read_granularity is not None:
+        from hybrid_pd.transfer.reads import parse_granularity
+
+        try:
+            parse_granularity(args.kv_read_granularity)
+        except ValueError as exc:
+            raise SystemExit(f"--kv-read-granularity: {exc}") from exc
+        out.append((KEY_READ_GRANULARITY, args.kv_read_granularity))
+    return tuple(out)
+
+
+def telemetry_db_from_args(args: argparse.Namespace, run_dir: Path) -> str | None:
+    if not args.telemetry:
+        return None
+    if args.telemetry_db:
+        return str(args.telemetry_db)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str((run_dir / "telemetry.db").resolve())
+
+
+def ports_from_args(args: argparse.Namespace) -> Ports:
+    return Ports(
+        proxy=args.port, prefill=args.prefill_port, decode=args.decode_port,
+        prefill_side_channel=args.prefill_side_channel_port,
+        decode_side_channel=args.decode_side_channel_port,
+    )
+
+
+def launch_config_from_args(args: argparse.Namespace, run_dir: Path) -> LaunchConfig:
+    return LaunchConfig(
+        model=args.model, host=args.host, connector=args.connector,
+        kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
+        cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
+        telemetry_db=telemetry_db_from_args(args, run_dir), kv_extra=kv_extra_from_args(args),
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="start prefill + decode vLLM engines and the P/D proxy",
+        description="Start P and D `vllm serve` engines with a NIXL connector and the proxy. "
+        "Arguments after MODEL that hybrid-pd does not know go to both `vllm serve`s.",
+    )
+    p.add_argument("model", help="model id or path (hybrid-pd make-model builds tiny ones)")
+    add_common_launch_args(p)
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or default_run_dir("serve")
+    cfg = launch_config_from_args(args, run_dir)
+    sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"[hybrid-pd] logs in {run_dir}/ (prefill.log, decode.log, proxy.log)", file=sys.stderr)
+    if cfg.telemetry_db is not None:
+        print(f"[hybrid-pd] spans -> {cfg.telemetry_db}; view them with: hybrid-pd dashboard "
+              f"--db {cfg.telemetry_db}", file=sys.stderr)
+    try:
+        with sup:
+            _serve_until_a_child_dies(sup, args)
+    except KeyboardInterrupt:
+        print("\n[hybrid-pd] stopping...", file=sys.stderr)
+        return 0
+    except LaunchError as exc:
+        print(f"[hybrid-pd] error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    # SIGTERM takes Ctrl-C's path: the supervisor's exit stops every child.
+    raise KeyboardInterrupt
+
+
+def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace) -> NoReturn:
+    sup.start()
+    sup.wait_healthy(args.health_timeout)
+    for c in sup.children:
+        print(f"[hybrid-pd] {c.name} ready after {c.ready_after_s:.0f} s", file=sys.stderr)
+    print(f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops everything)",
+          file=sys.stderr)
+    while not (dead := sup.dead()):
+        time.sleep(1.0)
+    raise LaunchError(
+        f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping all. "
+        f"Last lines of {dead[0].log_path}:\n{dead[0].tail()}"
+    )

@@ -1,0 +1,319 @@
+"""The P/D proxy: an OpenAI-compatible front that runs each request on P, then on D.
+
+Flow of one request (``/v1/completions`` or ``/v1/chat/completions``, :meth:`PDProxy.handle`):
+
+1. P gets the request with ``max_tokens=1``, ``stream=false`` and
+   ``kv_transfer_params={"do_remote_decode": true}``: it prefills, keeps the KV cache and
+   Mamba state, and answers with the ``kv_transfer_params`` D needs to pull them;
+2. D gets the user's original request plus P's ``kv_transfer_params`` unchanged: it reads
+   the state over NIXL and generates; its answer (streamed or not) is the user's answer.
+
+Errors from either engine come back as HTTP errors that name the engine and the cause
+(:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.
+
+Tracing: each request is a ``hybrid_pd.proxy.request`` span (continuing the caller's W3C
+``traceparent`` when there is one) with a ``hybrid_pd.proxy.prefill`` and a
+``hybrid_pd.proxy.decode`` child; each engine call carries the child's ``traceparent``
+(OpenTelemetry ``propagate.inject``), so P's and D's spans join the same trace.  The
+tracer is OpenTelemetry's global one unless ``create_app(tracer=...)`` gives one;
+``hybrid-pd proxy --telemetry-db PATH`` configures it (off without the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Tracer
+
+from hybrid_pd.serve.engines import DEFAULT_HOST, DEFAULT_PROXY_TIMEOUT_S
+from hybrid_pd.serve.proxy_calls import EngineClient, EngineError
+from hybrid_pd.settings import PORT_PROXY, TRACE_PARAMS_KEY
+from hybrid_pd.telemetry import attributes as A
+
+# Tracer and logger name, independent of where this module lives: stored spans and log
+# filters select on it.
+INSTRUMENTATION_NAME = "hybrid_pd.proxy"
+logger = logging.getLogger(INSTRUMENTATION_NAME)
+
+# Sampling/streaming fields that must not reach P: P only prefills one token.
+_PREFILL_DROP = ("stream", "stream_options", "max_completion_tokens", "n", "best_of")
+# Request headers every engine call carries on.
+_FORWARDED = ("authorization", "traceparent", "tracestate")
+
+
+# -- pure request rewriting (unit-tested without servers) ------------------------------
+
+
+def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The body P gets: one token, no streaming, and the remote-decode marker."""
+    out = {k: v for k, v in copy.deepcopy(body).items() if k not in _PREFILL_DROP}
+    out["max_tokens"] = 1
+    out["stream"] = False
+    out["kv_transfer_params"] = {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    return out
+
+
+def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """``body`` with the trace hand-off for the engines' KV connector added to its
+    ``kv_transfer_params``: the ``traceparent``/``tracestate`` of the engine call
+    (``headers``, as sent) and our request id, so the connector's spans join the trace
+    under that call (see :mod:`hybrid_pd.telemetry.engine`)."""
+    hand_off = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
+    hand_off["request_id"] = request_id
+    out = dict(body)
+    out["kv_transfer_params"] = {**out["kv_transfer_params"], TRACE_PARAMS_KEY: hand_off}
+    return out
+
+
+def decode_request(body: dict[str, Any], prefill_response: dict[str, Any]) -> dict[str, Any]:
+    """The body D gets: the user's request plus P's kv_transfer_params, unchanged."""
+    params = prefill_response.get("kv_transfer_params")
+    if not isinstance(params, dict):
+        raise EngineError(
+            "prefill",
+            502,
+            "answer has no kv_transfer_params: is the prefill engine started with a KV "
+            "connector and kv_role=kv_producer (hybrid-pd serve does this)?",
+        )
+    out = copy.deepcopy(body)
+    out["kv_transfer_params"] = params
+    return out
+
+
+def forward_headers(request: Request, request_id: str) -> dict[str, str]:
+    headers = {"X-Request-Id": request_id}
+    for name in _FORWARDED:
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    return headers
+
+
+def traced_headers(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` with the current span's traceparent (replacing the caller's, whose
+    trace id it keeps) - a no-op tracer leaves the caller's headers untouched."""
+    out = dict(headers)
+    if trace.get_current_span().get_span_context().is_valid:
+        out.pop("traceparent", None)
+        out.pop("tracestate", None)
+        propagate.inject(out)
+    return out
+
+
+def invalid_request(message: str) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"error": {"message": message, "type": "invalid_request"}})
+
+
+def describe_request(span: Span, body: dict[str, Any], path: str, request_id: str) -> None:
+    if span.is_recording():
+        A.set_attrs(span, {
+            A.REQUEST_ID: request_id, A.ROLE: "proxy",
+            A.GEN_AI_REQUEST_MODEL: body.get("model") if isinstance(body.get("model"), str) else None,
+            A.GEN_AI_OPERATION_NAME: "chat" if path.endswith("chat/completions") else "text_completion",
+            A.GEN_AI_REQUEST_MAX_TOKENS: body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None,
+        })
+
+
+def mark_engine_error(span: Span, exc: EngineError) -> None:
+    if span.is_recording():
+        A.mark_failed(span, f"{exc.engine} engine: HTTP {exc.status}", exc)
+
+
+# -- the P then D flow -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    prefill_url: str
+    decode_url: str
+    timeout_s: float = DEFAULT_PROXY_TIMEOUT_S
+    connect_timeout_s: float = 10.0
+
+
+class PDProxy:
+    """One request: P (prefill, one token) then D (the user's answer), each in a span."""
+
+    def __init__(self, config: ProxyConfig, engines: EngineClient, tracer: Tracer) -> None:
+        self.config = config
+        self.engines = engines
+        self.tracer = tracer
+
+    async def handle(self, request: Request, path: str) -> Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return invalid_request("body is not JSON")
+        if not isinstance(body, dict):
+            return invalid_request("body must be a JSON object")
+        request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
+        headers = forward_headers(request, request_id)
+        with self._request_span(request) as root:
+            describe_request(root, body, path, request_id)
+            try:
+                p_answer = await self._prefill(path, body, request_id, headers)
+                return await self._decode(path, body, p_answer, request_id, headers)
+            except EngineError as exc:
+                mark_engine_error(root, exc)
+                logger.warning("request %s failed: %s", request_id, exc)
+                return exc.to_response()
+
+    async def _prefill(self, path: str, body: dict, request_id: str, headers: dict) -> dict:
+        """P's answer, which carries the kv_transfer_params D needs."""
+        with self._engine_span("prefill", request_id):
+            p_headers = traced_headers(headers)
+            p_body = with_trace(prefill_request(body), request_id, p_headers)
+            return await self.engines.post_json("prefill", self.config.prefill_url + path, p_body, p_headers)
+
+    async def _decode(self, path: str, body: dict, p_answer: dict, request_id: str,
+                      headers: dict) -> Response:
+        # Outside D's span: an answer without kv_transfer_params is P's failure.
+        d_body = decode_request(body, p_answer)
+        url = self.config.decode_url + path
+        with self._engine_span("decode", request_id):
+            d_headers = traced_headers(headers)
+            d_body = with_trace(d_body, request_id, d_headers)
+            if body.get("stream"):
+                # The span covers the call up to the response headers; the stream itself
+                # is relayed after the span ends.
+                return await self.engines.post_stream("decode", url, d_body, d_headers)
+            d_answer = await self.engines.post_json("decode", url, d_body, d_headers)
+        return JSONResponse(content=d_answer, headers={"X-Request-Id": request_id})
+
+    def _request_span(self, request: Request) -> contextlib.AbstractContextManager[Span]:
+        # Continue the caller's trace (W3C traceparent) when it sent one.
+        return self.tracer.start_as_current_span(
+            A.SPAN_PROXY_REQUEST, context=propagate.extract(dict(request.headers)),
+            kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
+        )
+
+    @contextlib.contextmanager
+    def _engine_span(self, engine: str, request_id: str) -> Iterator[Span]:
+        """The span of one engine call; an EngineError inside marks it failed."""
+        name = A.SPAN_PROXY_PREFILL if engine == "prefill" else A.SPAN_PROXY_DECODE
+        with self.tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
+            attributes={A.REQUEST_ID: request_id},
+        ) as span:
+            try:
+                yield span
+            except EngineError as exc:
+                mark_engine_error(span, exc)
+                raise
+
+    async def models(self) -> Response:
+        """D's model list (P serves the same model)."""
+        try:
+            resp = await self.engines.http.get(self.config.decode_url + "/v1/models")
+        except httpx.HTTPError as exc:
+            return EngineError("decode", 502, f"unreachable: {exc!r}").to_response()
+        return Response(content=resp.content, status_code=resp.status_code, media_type="application/json")
+
+    async def health(self) -> Response:
+        status = {engine: await self.engines.probe(url)
+                  for engine, url in (("prefill", self.config.prefill_url),
+                                      ("decode", self.config.decode_url))}
+        ok = all(v == "ok" for v in status.values())
+        return JSONResponse(status_code=200 if ok else 503, content=status)
+
+
+# -- the app ---------------------------------------------------------------------------
+
+routes = APIRouter()
+
+
+def _proxy(request: Request) -> PDProxy:
+    return request.app.state.proxy
+
+
+@routes.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _proxy(request).handle(request, "/v1/completions")
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _proxy(request).handle(request, "/v1/chat/completions")
+
+
+@routes.get("/v1/models")
+async def models(request: Request) -> Response:
+    return await _proxy(request).models()
+
+
+@routes.get("/health")
+async def health(request: Request) -> Response:
+    return await _proxy(request).health()
+
+
+def create_app(
+    config: ProxyConfig,
+    transport: httpx.AsyncBaseTransport | None = None,
+    tracer: Tracer | None = None,
+) -> FastAPI:
+    """The proxy app; ``transport`` replaces the network (unit tests use fake engines),
+    ``tracer`` replaces OpenTelemetry's global tracer (unit tests use an in-memory one)."""
+    engines = EngineClient(config.timeout_s, config.connect_timeout_s, transport)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engines.aclose()
+
+    app = FastAPI(title="hybrid-pd proxy", lifespan=lifespan)
+    app.state.config = config
+    app.state.proxy = PDProxy(config, engines, tracer or trace.get_tracer(INSTRUMENTATION_NAME))
+    app.include_router(routes)
+    return app
+
+
+# -- CLI -------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("proxy", help="run only the P/D proxy in front of running engines")
+    p.add_argument("--prefill-url", required=True, help="e.g. http://127.0.0.1:8100")
+    p.add_argument("--decode-url", required=True, help="e.g. http://127.0.0.1:8200")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=PORT_PROXY)
+    p.add_argument("--timeout", type=float, default=DEFAULT_PROXY_TIMEOUT_S, help="seconds per engine call")
+    p.add_argument("--telemetry-db", default=None,
+                   help="write proxy spans to this SQLite file (plus OTLP from OTEL_* "
+                   "variables); off when not given")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tel = None
+    if args.telemetry_db:
+        from hybrid_pd.telemetry import setup
+
+        tel = setup.configure_tracing("hybrid-pd-proxy", "proxy", db_url=args.telemetry_db)
+        print(f"[hybrid-pd proxy] spans -> {args.telemetry_db}", flush=True)
+    app = create_app(ProxyConfig(args.prefill_url.rstrip("/"), args.decode_url.rstrip("/"), args.timeout))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if tel is not None:
+            tel.shutdown()  # flush what is queued
+    return 0

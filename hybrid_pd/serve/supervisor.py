@@ -1,0 +1,266 @@
+"""The child processes of ``hybrid-pd serve`` (and ``demo`` and the end-to-end tests).
+
+The supervisor starts every child in its own process group (vLLM forks an engine core
+and workers), streams each child's output to ``RUN_DIR/<name>.log``, waits for health
+with a progress line, and on Ctrl-C/SIGTERM (or when any child dies) stops every group:
+SIGTERM, a grace period, then SIGKILL. Nothing is left running.
+
+:func:`build_supervisor` puts the P/D cluster (P, D and the proxy) on it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from hybrid_pd.serve.engines import (
+    DEFAULT_PROXY_TIMEOUT_S,
+    PORT_REFERENCE,
+    EngineSpec,
+    LaunchConfig,
+    engine_command,
+    engine_env,
+    plan_cpu_binding,
+)
+from hybrid_pd.settings import (
+    PORT_DECODE,
+    PORT_DECODE_SIDE_CHANNEL,
+    PORT_PREFILL,
+    PORT_PREFILL_SIDE_CHANNEL,
+    PORT_PROXY,
+)
+
+HEALTH_POLL_S = 1.0
+PROGRESS_EVERY_S = 10.0  # a progress line this often when stderr is a file
+
+
+class LaunchError(RuntimeError):
+    """A child failed to start or became unhealthy; the message says which and why."""
+
+
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    health_url: str
+    proc: subprocess.Popen | None = None
+    ready_after_s: float | None = None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+
+class _StatusLine:
+    """Startup progress on stderr: a terminal gets one live line; a log file gets a line
+    every PROGRESS_EVERY_S."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.next_at = 0.0
+
+    def show(self, elapsed: float, children: Sequence[Child]) -> None:
+        if not self.enabled or not (self.tty or elapsed >= self.next_at):
+            return
+        self.next_at += PROGRESS_EVERY_S
+        parts = [f"{c.name}: " + ("ready" if c.ready_after_s is not None else "starting")
+                 for c in children]
+        line = f"[hybrid-pd] {elapsed:5.0f}s  " + "  ".join(parts)
+        sys.stderr.write(("\r" + line + "   ") if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+@dataclass
+class Supervisor:
+    run_dir: Path
+    children: list[Child] = field(default_factory=list)
+    started_at: float = 0.0
+
+    def add(self, child: Child) -> Child:
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        for child in self.children:
+            log = open(child.log_path, "ab", buffering=0)  # noqa: SIM115 - owned by the child
+            log.write(f"$ {' '.join(child.cmd)}\n".encode())
+            child.proc = subprocess.Popen(
+                child.cmd,
+                env=child.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: we stop the whole tree
+            )
+            log.close()
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
+
+    def wait_healthy(self, timeout_s: float, progress: bool = True) -> None:
+        """Poll every child's health URL until all answer 200; LaunchError when a child
+        exits first or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        status = _StatusLine(progress)
+        with httpx.Client(timeout=2.0) as client:
+            try:
+                while True:
+                    self._poll_health(client)
+                    status.show(time.monotonic() - self.started_at, self.children)
+                    if all(c.ready_after_s is not None for c in self.children):
+                        break
+                    if time.monotonic() > deadline:
+                        raise self._not_healthy(timeout_s)
+                    time.sleep(HEALTH_POLL_S)
+            except LaunchError:
+                status.end()
+                raise
+            status.end()
+
+    def _poll_health(self, client: httpx.Client) -> None:
+        for child in self.children:
+            if child.ready_after_s is not None:
+                continue
+            if child.proc is not None and child.proc.poll() is not None:
+                raise LaunchError(
+                    f"{child.name} exited with code {child.proc.returncode} while "
+                    f"starting; last lines of {child.log_path}:\n{child.tail()}"
+                )
+            try:
+                if client.get(child.health_url).status_code == 200:
+                    child.ready_after_s = time.monotonic() - self.started_at
+            except httpx.HTTPError:
+                pass
+
+    def _not_healthy(self, timeout_s: float) -> LaunchError:
+        slow = [c for c in self.children if c.ready_after_s is None]
+        return LaunchError(
+            f"not healthy after {timeout_s:.0f} s: {', '.join(c.name for c in slow)}; "
+            f"last lines of {slow[0].log_path}:\n{slow[0].tail()}"
+        )
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in live:
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in live:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may hold grandchildren (engine core, workers) even after the leader
+        # exited: SIGKILL whatever is left in every group we created.
+        for child in self.children:
+            if child.proc is not None:
+                _signal_group(child.proc, signal.SIGKILL)
+                try:
+                    child.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the P/D cluster (used by serve, demo and the tests) --------------------------------
+
+
+@dataclass
+class Ports:
+    proxy: int = PORT_PROXY
+    prefill: int = PORT_PREFILL
+    decode: int = PORT_DECODE
+    reference: int = PORT_REFERENCE
+    prefill_side_channel: int = PORT_PREFILL_SIDE_CHANNEL
+    decode_side_channel: int = PORT_DECODE_SIDE_CHANNEL
+
+
+def proxy_command(cfg: LaunchConfig, ports: Ports, timeout_s: float,
+                  python: str = sys.executable) -> list[str]:
+    cmd = [
+        python, "-m", "hybrid_pd.cli", "proxy",
+        "--prefill-url", f"http://{cfg.host}:{ports.prefill}",
+        "--decode-url", f"http://{cfg.host}:{ports.decode}",
+        "--host", cfg.host, "--port", str(ports.proxy),
+        "--timeout", str(timeout_s),
+    ]
+    if cfg.telemetry_db is not None:
+        cmd += ["--telemetry-db", cfg.telemetry_db]
+    return cmd
+
+
+def _engine_child(cfg: LaunchConfig, spec: EngineSpec, run_dir: Path, bind: str | None) -> Child:
+    return Child(
+        spec.name,
+        engine_command(cfg, spec),
+        engine_env(cfg, spec, dict(os.environ), bind),
+        run_dir / f"{spec.name}.log",
+        f"http://{cfg.host}:{spec.port}/health",
+    )
+
+
+def build_supervisor(
+    cfg: LaunchConfig,
+    run_dir: Path,
+    ports: Ports,
+    prefill_tp: int = 1,
+    decode_tp: int = 1,
+    proxy_timeout_s: float = DEFAULT_PROXY_TIMEOUT_S,
+) -> Supervisor:
+    """Children for P, D and the proxy."""
+    sup = Supervisor(run_dir)
+    engines = [
+        EngineSpec("prefill", "prefill", ports.prefill, prefill_tp, ports.prefill_side_channel),
+        EngineSpec("decode", "decode", ports.decode, decode_tp, ports.decode_side_channel),
+    ]
+    binding = plan_cpu_binding([(e.name, e.tp) for e in engines], sorted(os.sched_getaffinity(0)), cfg.cpu_bind)
+    for spec in engines:
+        sup.add(_engine_child(cfg, spec, run_dir, binding[spec.name]))
+    sup.add(Child("proxy", proxy_command(cfg, ports, proxy_timeout_s), dict(os.environ),
+                  run_dir / "proxy.log", f"http://{cfg.host}:{ports.proxy}/health"))
+    return sup
+
+
+def build_reference_supervisor(cfg: LaunchConfig, run_dir: Path, port: int, tp: int = 1) -> Supervisor:
+    """One plain engine (no connector, same conv layout): the reference for output checks.
+    Run it before or after the P/D cluster, not beside it, on small machines."""
+    sup = Supervisor(run_dir)
+    spec = EngineSpec("reference", "single", port, tp)
+    bind = plan_cpu_binding([(spec.name, tp)], sorted(os.sched_getaffinity(0)), cfg.cpu_bind)
+    sup.add(_engine_child(cfg, spec, run_dir, bind[spec.name]))
+    return sup
+
+
+def default_run_dir(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
