@@ -4,6 +4,7 @@ fake blob)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import msgspec
 import pytest
 
 from hybrid_pd.planner.layout import build_engine_layout
-from hybrid_pd.planner.model_spec import spec_from_hf_config
+from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
 from hybrid_pd.transfer import handshake as hs
 
 HERE = Path(__file__).parent
@@ -77,12 +78,12 @@ def test_version_checked_before_schema() -> None:
     raw = msgspec.msgpack.decode(hs.encode(meta()))
     raw["version"] = 99
     raw["new_field_of_v99"] = 1
-    with pytest.raises(hs.HandshakeError, match="version 99, ours is 1"):
+    with pytest.raises(hs.HandshakeError, match=f"version 99, ours is {hs.PROTOCOL_VERSION}"):
         hs.decode(msgspec.msgpack.encode(raw), who="prefill p0")
     with pytest.raises(hs.HandshakeError, match="not valid msgpack"):
         hs.decode(b"\xc1garbage")
     del raw["new_field_of_v99"]
-    raw["version"] = 1
+    raw["version"] = hs.PROTOCOL_VERSION
     raw["regions"] = "nope"
     with pytest.raises(hs.HandshakeError, match="malformed"):
         hs.decode(msgspec.msgpack.encode(raw))
@@ -106,3 +107,44 @@ def test_inconsistent_layout_refused() -> None:
     bad_rank = msgspec.structs.replace(m, layout=msgspec.structs.replace(m.layout, rank=3))
     with pytest.raises(hs.HandshakeError, match="rank 3 out of range for TP=1"):
         hs.check_compatible(meta(engine="d0"), bad_rank)
+
+
+def _other_value(value: object) -> object:
+    """A different value of the same type (the hash does not validate, so any will do)."""
+    if isinstance(value, bool) or not isinstance(value, int | str | tuple):
+        raise AssertionError(f"teach _other_value about {type(value).__name__}")
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-x"
+    return value[:-1]  # cache_layers / dtype_sizes: one entry fewer
+
+
+def test_every_spec_field_round_trips_and_is_compared_and_hashed() -> None:
+    m = meta(NEMO)
+    decoded = hs.decode(hs.encode(m))
+    assert hs.spec_of(decoded.model) == NEMO
+    fields = [f.name for f in dataclasses.fields(HybridModelSpec)]
+    assert set(hs.ModelInfo.__struct_fields__) == set(fields)
+    assert all(isinstance(k, LayerKind) for _, k in hs.spec_of(decoded.model).cache_layers)
+    compared = hs._compat_fields(m.version, m.model, m.layout)
+    for name in fields:
+        assert f"model.{name}" in compared, name
+        changed = msgspec.structs.replace(m.model, **{name: _other_value(getattr(m.model, name))})
+        assert hs.compat_hash(m.version, changed, m.layout) != m.compat_hash, name
+
+
+def test_missing_or_unknown_model_field_is_malformed() -> None:
+    raw = msgspec.msgpack.decode(hs.encode(meta()))
+    raw["model"]["future_field"] = 1
+    with pytest.raises(hs.HandshakeError, match="malformed.*future_field"):
+        hs.decode(msgspec.msgpack.encode(raw))
+    del raw["model"]["future_field"]
+    del raw["model"]["dtype_sizes"]
+    with pytest.raises(hs.HandshakeError, match="malformed.*dtype_sizes"):
+        hs.decode(msgspec.msgpack.encode(raw))
+
+
+def test_oversized_blob_refused() -> None:
+    with pytest.raises(hs.HandshakeError, match="exceeds"):
+        hs.decode(b"\x00" * (hs.MAX_HANDSHAKE_BYTES + 1))

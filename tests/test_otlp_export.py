@@ -35,7 +35,7 @@ def emit_standard_spans(tracer: Any, run: str) -> int:
     """The same small trace every time: a proxy request, a transfer and 3 per-layer reads."""
     with tracer.start_as_current_span(A.SPAN_PROXY_REQUEST) as root:
         A.set_attrs(root, {A.REQUEST_ID: run, A.GEN_AI_REQUEST_MODEL: "tiny-nemotron-h",
-                           A.GEN_AI_USAGE_INPUT_TOKENS: 46})
+                           A.GEN_AI_REQUEST_MAX_TOKENS: 46})
         with tracer.start_as_current_span(A.SPAN_KV_TRANSFER) as xfer:
             A.set_attrs(xfer, {A.REQUEST_ID: run})
             for layer, kind in enumerate(("attention", "mamba", "mamba")):

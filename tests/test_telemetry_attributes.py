@@ -5,7 +5,9 @@ No GPU, NIXL or vLLM required.
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -19,7 +21,20 @@ from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import setup as S
 from hybrid_pd.telemetry.schema import CONTRACT_COLUMNS, spans_table
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "telemetry.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "telemetry.md"
+PACKAGE = ROOT / "hybrid_pd"
+ATTRIBUTES_MODULE = "hybrid_pd.telemetry.attributes"
+# Modules that define the names or read spans back (storage, dashboard): a reference
+# there is no evidence that anything emits the span or attribute.
+NOT_EMITTERS = ("telemetry/attributes.py", "telemetry/schema.py", "telemetry/sqlite_exporter.py",
+                "dashboard/")
+# Registered but not emitted, with the module that still needs them.  Each entry must
+# stay unemitted and referenced there, so this can only shrink.
+NOT_EMITTED_YET: dict[str, str] = {
+    "SPAN_ENGINE_PREFILL": "dashboard/figures.py",
+    "SPAN_ENGINE_DECODE": "dashboard/figures.py",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +95,73 @@ def test_schema_doc_is_in_sync() -> None:
         "docs/telemetry.md is stale; regenerate its tables with "
         "python -c 'from hybrid_pd.telemetry.attributes import render_schema; print(render_schema())'"
     )
+
+
+def test_schema_doc_prose_names_only_registered_keys() -> None:
+    # The prose outside the generated tables must not keep a removed span or key alive.
+    # hybrid_pd.telemetry.* are module paths and metric names, not span vocabulary.
+    registered = set(A.SPANS) | set(A.ATTRIBUTES)
+    named = {m.group(1) for m in re.finditer(r"`((?:hybrid_pd|kv|gen_ai)\.[a-z0-9_.]*[a-z0-9_])",
+                                             DOC.read_text())}
+    stale = sorted(n for n in named if n not in registered and not n.startswith("hybrid_pd.telemetry."))
+    assert not stale, f"docs/telemetry.md names unregistered spans/attributes: {stale}"
+
+
+def _attribute_refs(path: Path) -> set[str]:
+    """Names of ``attributes`` read in ``path``: ``A.NAME``, ``attributes.NAME`` or imported."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases: set[str] = set()
+    refs: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            if module in (ATTRIBUTES_MODULE, ".attributes"):
+                refs.update(a.name for a in node.names)
+            elif module in ("hybrid_pd.telemetry", "."):
+                aliases.update(a.asname or a.name for a in node.names if a.name == "attributes")
+        elif isinstance(node, ast.Import):
+            aliases.update(a.asname for a in node.names if a.name == ATTRIBUTES_MODULE and a.asname)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            refs.add(node.attr)
+    return refs
+
+
+def _refs_by_module() -> dict[str, set[str]]:
+    return {p.relative_to(PACKAGE).as_posix(): _attribute_refs(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _registered_constants() -> dict[str, str]:
+    """Constant name -> value for every registered span name and attribute key."""
+    registered = set(A.SPANS) | set(A.ATTRIBUTES)
+    return {k: v for k, v in vars(A).items() if k.isupper() and isinstance(v, str) and v in registered}
+
+
+def test_every_registered_name_is_emitted() -> None:
+    refs = _refs_by_module()
+    emitted = set().union(*(r for mod, r in refs.items() if not mod.startswith(NOT_EMITTERS)))
+    consts = _registered_constants()
+    # A key may have several constant names (RESOURCE_ROLE is ROLE): one emitted is enough.
+    emitted_values = {v for k, v in consts.items() if k in emitted}
+    assert set(consts.values()) == set(A.SPANS) | set(A.ATTRIBUTES)
+    unused = sorted(f"{k} ({v})" for k, v in consts.items()
+                    if v not in emitted_values and k not in NOT_EMITTED_YET)
+    assert not unused, f"registered in attributes.py but emitted nowhere in hybrid_pd: {unused}"
+    for name, holder in NOT_EMITTED_YET.items():
+        assert consts[name] not in emitted_values, f"{name} is emitted now: drop it from NOT_EMITTED_YET"
+        assert name in refs.get(holder, set()), (
+            f"{holder} no longer uses {name}: remove it from attributes.py and NOT_EMITTED_YET")
+
+
+def test_emission_scan_sees_each_import_style(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("from hybrid_pd.telemetry import attributes as A\n"
+                   "from hybrid_pd.telemetry.attributes import KV_LAYER\n"
+                   "from . import attributes\n"
+                   "import hybrid_pd.telemetry.attributes as T\n"
+                   "x = (A.KV_BYTES, attributes.SPAN_KV_READ, T.KV_RANK, other.KV_VIEW)\n"
+                   "# A.KV_GROUP in a comment is not a use\n")
+    assert _attribute_refs(src) == {"KV_LAYER", "KV_BYTES", "SPAN_KV_READ", "KV_RANK"}
 
 
 # ----------------------------------------------------------------------------- helpers

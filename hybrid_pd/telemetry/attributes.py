@@ -48,6 +48,8 @@ SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
 SPAN_PROXY_PREFILL = "hybrid_pd.proxy.prefill"
 SPAN_PROXY_DECODE = "hybrid_pd.proxy.decode"
 # An engine's handling of one request (under the proxy span via W3C traceparent).
+# Nothing emits these two yet; they stay only while dashboard/figures.py maps them
+# (tests/test_telemetry_attributes.py says when they can go).
 SPAN_ENGINE_PREFILL = "hybrid_pd.engine.prefill"
 SPAN_ENGINE_DECODE = "hybrid_pd.engine.decode"
 
@@ -90,11 +92,7 @@ CONNECTOR = "hybrid_pd.connector"
 # GenAI semantic conventions (names must match opentelemetry-semantic-conventions).
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
-GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
-GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
-GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
-GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 
 # KV transfer.
 KV_DESC_SCOPE = "kv.desc.scope"
@@ -104,8 +102,6 @@ KV_LAYER_KIND = "kv.layer_kind"
 KV_GROUP = "kv.group"
 KV_BYTES = "kv.bytes"
 KV_DESCRIPTORS = "kv.descriptors"
-KV_BLOCKS = "kv.blocks"
-KV_BLOCK_RATIO = "kv.block_ratio"
 KV_RANK = "kv.rank"
 KV_TP_SIZE = "kv.tp_size"
 KV_PEER_RANK = "kv.peer_rank"
@@ -128,14 +124,11 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(ROLE, "string", "Process role: `prefill`, `decode`, `proxy` or `bench`."),
         AttrSpec(ENGINE_ID, "string", "Engine instance id (NIXL agent / vLLM engine id)."),
         AttrSpec(REQUEST_ID, "string", "Request id as the proxy assigned it (shared by P and D)."),
-        AttrSpec(CONNECTOR, "string", "Which connector moved the KV: `hybrid` (ours) or `upstream`."),
+        AttrSpec(CONNECTOR, "string", "Which code moved the KV: `hybrid` (our vLLM connector), "
+                 "`upstream` (vLLM's NixlConnector) or `bench` (`hybrid-pd bench`)."),
         AttrSpec(GEN_AI_REQUEST_MODEL, "string", "Model name as requested (GenAI semconv)."),
         AttrSpec(GEN_AI_OPERATION_NAME, "string", "`text_completion` or `chat` (GenAI semconv)."),
-        AttrSpec(GEN_AI_PROVIDER_NAME, "string", "Serving system, always `vllm` (GenAI semconv)."),
         AttrSpec(GEN_AI_REQUEST_MAX_TOKENS, "int", "Requested max output tokens (GenAI semconv)."),
-        AttrSpec(GEN_AI_USAGE_INPUT_TOKENS, "int", "Prompt length in tokens, a count only (GenAI semconv)."),
-        AttrSpec(GEN_AI_USAGE_OUTPUT_TOKENS, "int", "Generated tokens, a count only (GenAI semconv)."),
-        AttrSpec(GEN_AI_RESPONSE_ID, "string", "Completion id returned to the client (GenAI semconv)."),
         AttrSpec(KV_DESC_SCOPE, "string", "Descriptor build scope: `local`, `remote` or `request`."),
         AttrSpec(KV_VIEW, "string", "Descriptor view: `fa`, `conv_x`, `conv_b`, `conv_c`, `ssm`, `mamba` (conv+SSM "
                  "of a Mamba block, as vLLM's connector lists them) or `all`."),
@@ -144,8 +137,6 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_GROUP, "int", "HMA KV-cache group index."),
         AttrSpec(KV_BYTES, "int", "Bytes moved (read) or described (desc_build)."),
         AttrSpec(KV_DESCRIPTORS, "int", "Number of descriptors built or posted."),
-        AttrSpec(KV_BLOCKS, "int", "Number of blocks involved."),
-        AttrSpec(KV_BLOCK_RATIO, "int", "Logical/kernel block ratio used (the remote one for remote ids)."),
         AttrSpec(KV_RANK, "int", "Local TP rank."),
         AttrSpec(KV_TP_SIZE, "int", "Local TP size."),
         AttrSpec(KV_PEER_RANK, "int", "Remote TP rank read from / notified."),

@@ -28,9 +28,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-ENV_DB = "HYBRID_PD_TELEMETRY_DB"
-ENV_ROLE = "HYBRID_PD_ROLE"
-PARAMS_KEY = "hybrid_pd_trace"
+from hybrid_pd import settings
+
+# Aliases of the settings names, kept only while proxy.py, launch.py and
+# tests/test_vllm_tracing.py still read them from here; new code imports settings.
+ENV_DB = settings.ENV_TELEMETRY_DB
+ENV_ROLE = settings.ENV_ROLE
+PARAMS_KEY = settings.TRACE_PARAMS_KEY
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -39,7 +43,7 @@ _W3C = TraceContextTextMapPropagator()
 
 
 def _wants_tracing(env: Mapping[str, str]) -> bool:
-    if env.get(ENV_DB):
+    if env.get(settings.ENV_TELEMETRY_DB):
         return True
     exporters = env.get("OTEL_TRACES_EXPORTER", "")
     if exporters:
@@ -62,10 +66,10 @@ def engine_tracer(engine_id: str | None = None) -> trace.Tracer:
             return _tracer
         from hybrid_pd.telemetry import setup
 
-        role = os.environ.get(ENV_ROLE, "engine")
+        role = os.environ.get(settings.ENV_ROLE, "engine")
         try:
             tel = setup.configure_tracing(
-                f"hybrid-pd-{role}", role, db_url=os.environ.get(ENV_DB) or None,
+                f"hybrid-pd-{role}", role, db_url=os.environ.get(settings.ENV_TELEMETRY_DB) or None,
                 engine_id=engine_id, set_global=False,
             )
             _tracer = tel.tracer()
@@ -79,7 +83,7 @@ def from_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
     """The trace hand-off from a request's ``kv_transfer_params`` (None if absent/bad)."""
     if not params:
         return None
-    info = params.get(PARAMS_KEY)
+    info = params.get(settings.TRACE_PARAMS_KEY)
     if not isinstance(info, Mapping):
         return None
     out = {k: v for k, v in info.items() if k in ("traceparent", "tracestate", "request_id")

@@ -256,6 +256,39 @@ def _bsp(exporter: SpanExporter) -> BatchSpanProcessor:
     return BatchSpanProcessor(exporter, **kwargs)
 
 
+def _add_sinks(
+    provider: TracerProvider,
+    names: tuple[str, ...],
+    db_url: str | os.PathLike[str] | None,
+    sqlite_options: Mapping[str, Any] | None,
+) -> dict[str, SQLiteSpanExporter | CountingExporter]:
+    """Build each named sink and hang it on ``provider`` behind its own batch processor."""
+    sinks: dict[str, SQLiteSpanExporter | CountingExporter] = {}
+    for name in names:
+        if name == "sqlite":
+            assert db_url is not None
+            exporter: SQLiteSpanExporter | CountingExporter = SQLiteSpanExporter(
+                db_url, **(sqlite_options or {})
+            )
+        else:
+            exporter = CountingExporter(name, _build_exporter(name))
+        sinks[name] = exporter
+        provider.add_span_processor(_bsp(exporter))
+    return sinks
+
+
+def _install_global(provider: TracerProvider) -> bool:
+    """Make ``provider`` OpenTelemetry's global one; False if another got there first."""
+    trace.set_tracer_provider(provider)  # OTel allows this once per process
+    if trace.get_tracer_provider() is provider:
+        return True
+    logger.warning(
+        "another global TracerProvider is installed; hybrid-pd spans go through "
+        "Telemetry.tracer() only"
+    )
+    return False
+
+
 def default_engine_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
@@ -312,29 +345,10 @@ def configure_tracing(
         # The counter goes first so that a span counts as created even if a later
         # processor misbehaves.
         provider.add_span_processor(counter)
-        sinks: dict[str, SQLiteSpanExporter | CountingExporter] = {}
-        for name in names:
-            if name == "sqlite":
-                assert db_url is not None
-                exporter: SQLiteSpanExporter | CountingExporter = SQLiteSpanExporter(
-                    db_url, **(sqlite_options or {})
-                )
-            else:
-                exporter = CountingExporter(name, _build_exporter(name))
-            sinks[name] = exporter
-            provider.add_span_processor(_bsp(exporter))
+        sinks = _add_sinks(provider, names, db_url, sqlite_options)
         for p in extra_processors:
             provider.add_span_processor(p)
-
-        is_global = False
-        if set_global:
-            trace.set_tracer_provider(provider)  # OTel allows this once per process
-            is_global = trace.get_tracer_provider() is provider
-            if not is_global:
-                logger.warning(
-                    "another global TracerProvider is installed; hybrid-pd spans go through "
-                    "Telemetry.tracer() only"
-                )
+        is_global = _install_global(provider) if set_global else False
         _current = Telemetry(cfg, provider, counter, sinks, is_global)
         logger.info(
             "tracing: service=%s role=%s engine=%s sinks=%s", service_name, role, engine_id,

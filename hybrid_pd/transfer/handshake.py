@@ -5,7 +5,10 @@ It carries what the planner needs to plan reads against the remote rank (model f
 TP rank and size, block / kernel block / page sizes, conv and FA layouts, dtypes), the
 registered region base addresses and lengths, and the NIXL agent metadata blob.
 
-Wire format: msgspec msgpack (never pickle).  ``version`` is checked before the rest is
+Wire format: msgspec msgpack (never pickle), at most :data:`MAX_HANDSHAKE_BYTES`, every
+Struct ``forbid_unknown_fields``.  :class:`ModelInfo` is generated from the fields of
+:class:`HybridModelSpec`, so a new spec field travels (and is compared and hashed) without
+touching this module.  ``version`` is checked before the rest is
 decoded, so a peer on a newer protocol is refused with a version message rather than a
 schema error.  ``compat_hash`` covers the fields both sides must agree on (protocol
 version, model, dtypes, conv / FA layout, kernel block size); :func:`check_compatible`
@@ -17,7 +20,10 @@ Plain data only (house rule 3): :func:`check_compatible` works on the Structs, n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import typing
+from typing import Any
 
 import msgspec
 
@@ -28,32 +34,37 @@ from hybrid_pd.planner.layout import (
     build_engine_layout,
     validate_layout,
 )
-from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
+from hybrid_pd.planner.model_spec import HybridModelSpec
 
-PROTOCOL_VERSION = 1
+# 2: ModelInfo is derived from HybridModelSpec and so also carries ``dtype_sizes``.
+PROTOCOL_VERSION = 2
+# Far above any real blob (NIXL agent metadata is KBs); refuses garbage before decoding it.
+MAX_HANDSHAKE_BYTES = 16 << 20
 
 
 class HandshakeError(ValueError):
     """A peer's handshake metadata cannot be used with ours (the message says why)."""
 
 
-class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The :class:`HybridModelSpec` fields, global (unsharded)."""
+def _wire_struct(cls: type[Any]) -> type[msgspec.Struct]:
+    """A frozen, strict Struct with exactly the fields (names and types) of dataclass ``cls``.
 
-    model_type: str
-    cache_layers: tuple[tuple[int, str], ...]  # (decoder layer, LayerKind value)
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    mamba_num_heads: int
-    mamba_head_dim: int
-    n_groups: int
-    d_state: int
-    conv_kernel: int
-    kv_dtype: str
-    conv_dtype: str
-    ssm_dtype: str
-    chunk_size: int
+    No defaults: a peer must send every field, so an older peer cannot silently fall back
+    to our default for a field it does not know.
+    """
+    hints = typing.get_type_hints(cls)
+    return msgspec.defstruct(
+        "ModelInfo",
+        [(f.name, hints[f.name]) for f in dataclasses.fields(cls)],
+        module=__name__,
+        frozen=True,
+        forbid_unknown_fields=True,
+    )
+
+
+# The HybridModelSpec fields, global (unsharded); enums travel as their values.
+ModelInfo = _wire_struct(HybridModelSpec)
+_MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HybridModelSpec))
 
 
 class LayoutInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,41 +107,12 @@ class _Envelope(msgspec.Struct):
 
 
 def model_info(spec: HybridModelSpec) -> ModelInfo:
-    return ModelInfo(
-        model_type=spec.model_type,
-        cache_layers=tuple((i, k.value) for i, k in spec.cache_layers),
-        num_attention_heads=spec.num_attention_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        mamba_num_heads=spec.mamba_num_heads,
-        mamba_head_dim=spec.mamba_head_dim,
-        n_groups=spec.n_groups,
-        d_state=spec.d_state,
-        conv_kernel=spec.conv_kernel,
-        kv_dtype=spec.kv_dtype,
-        conv_dtype=spec.conv_dtype,
-        ssm_dtype=spec.ssm_dtype,
-        chunk_size=spec.chunk_size,
-    )
+    return ModelInfo(**{name: getattr(spec, name) for name in _MODEL_FIELDS})
 
 
 def spec_of(info: ModelInfo) -> HybridModelSpec:
-    return HybridModelSpec(
-        model_type=info.model_type,
-        cache_layers=tuple((i, LayerKind(k)) for i, k in info.cache_layers),
-        num_attention_heads=info.num_attention_heads,
-        num_kv_heads=info.num_kv_heads,
-        head_dim=info.head_dim,
-        mamba_num_heads=info.mamba_num_heads,
-        mamba_head_dim=info.mamba_head_dim,
-        n_groups=info.n_groups,
-        d_state=info.d_state,
-        conv_kernel=info.conv_kernel,
-        kv_dtype=info.kv_dtype,
-        conv_dtype=info.conv_dtype,
-        ssm_dtype=info.ssm_dtype,
-        chunk_size=info.chunk_size,
-    )
+    # The spec's __post_init__ validates what the peer sent.
+    return HybridModelSpec(**{name: getattr(info, name) for name in _MODEL_FIELDS})
 
 
 def layout_info(layout: EngineLayout, rank: int) -> LayoutInfo:
@@ -149,8 +131,9 @@ def layout_info(layout: EngineLayout, rank: int) -> LayoutInfo:
 def _compat_fields(version: int, model: ModelInfo, layout: LayoutInfo) -> dict[str, object]:
     """The fields both sides must agree on, by name (the hash input and the error text)."""
     fields: dict[str, object] = {"protocol version": version}
-    for name in ModelInfo.__struct_fields__:
-        fields[f"model.{name}"] = getattr(model, name)
+    # Plain values (enums as their strings), so messages and the hash read the same.
+    for name, value in msgspec.to_builtins(model).items():
+        fields[f"model.{name}"] = value
     fields["conv_layout"] = layout.conv_layout
     fields["fa_layout"] = layout.fa_layout
     fields["kernel_block_size"] = layout.kernel_block_size
@@ -202,6 +185,8 @@ def encode(meta: HandshakeMetadata) -> bytes:
 
 def decode(blob: bytes, *, who: str = "peer") -> HandshakeMetadata:
     """Decode and check the version first; ``HandshakeError`` on anything malformed."""
+    if len(blob) > MAX_HANDSHAKE_BYTES:
+        raise HandshakeError(f"{who}: handshake metadata of {len(blob)} B exceeds {MAX_HANDSHAKE_BYTES} B")
     try:
         version = _ENVELOPE.decode(blob).version
     except msgspec.DecodeError as exc:
@@ -292,6 +277,7 @@ def check_compatible(local: HandshakeMetadata, remote: HandshakeMetadata) -> Non
 
 
 __all__ = [
+    "MAX_HANDSHAKE_BYTES",
     "PROTOCOL_VERSION",
     "HandshakeError",
     "HandshakeMetadata",
