@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference_reshard import apply_plan, compare, make_full_state, shard_rank
 
+from hybrid_pd.planner import pair as pair_mod
+from hybrid_pd.planner import templates as templates_mod
 from hybrid_pd.planner.layout import (
     ConvLayout,
     EngineLayout,
@@ -26,6 +28,7 @@ from hybrid_pd.planner.layout import (
     cdiv,
 )
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
+from hybrid_pd.planner.pair import PairPlan
 from hybrid_pd.planner.plan import (
     dual_view,
     merge_descs,
@@ -85,6 +88,8 @@ def check_case(spec: HybridModelSpec, p_tp: int, d_tp: int, num_tokens: int, sta
         plan = plan_request(spec=spec, decode=d, prefill=p, decode_rank=rank,
                             decode_block_ids=d_ids, prefill_block_ids=p_ids,
                             num_tokens=num_tokens)
+        pair = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=rank)
+        assert pair.plan(d_ids, p_ids, num_tokens) == plan, render_plan(plan)
         # D starts as fill only (fresh each time: it is written into).
         actual = shard_rank(spec, d, rank, state, d_ids, num_tokens, fill_only=True)
         apply_plan(plan, actual, p_pages, d, p)
@@ -416,3 +421,158 @@ def test_fuzzed_metadata_never_leaves_regions(p_tp, d_tp, n, field, delta, side)
             assert off >= 0 and length > 0 and off + length <= d_lens[region], render_plan(plan)
         for off, length, region in read.remote:
             assert off >= 0 and length > 0 and off + length <= p_lens[region], render_plan(plan)
+
+
+# ----------------------------------------------------------------------------------
+# PairPlan: pair-level work once at build, per request only block ids.
+# ----------------------------------------------------------------------------------
+def _tp_pairs(spec: HybridModelSpec, kernel: int) -> list[tuple[int, int]]:
+    def ok(tp):
+        try:
+            build_engine_layout(spec, tp, kernel_block_size=kernel, num_blocks=1)
+            return True
+        except ValueError:
+            return False
+
+    good = [t for t in TPS if ok(t)]
+    return list(itertools.product(good, good))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(spec=random_specs(), kernel=st.sampled_from([2, 4, 16]),
+       fa=st.sampled_from(list(FaLayout)))
+def test_pair_plan_reused_across_requests_equals_plan_request(spec, kernel, fa) -> None:
+    """One PairPlan per (D rank, P TP), many requests: each equals plan_request."""
+    pairs = _tp_pairs(spec, kernel)
+    assume(pairs)
+    block = build_engine_layout(spec, 1, kernel_block_size=kernel, num_blocks=1).block_size
+    sizes = (1, kernel + 1, block, 2 * block + kernel // 2)
+    for p_tp, d_tp in pairs:
+        # Layouts sized for the largest request; smaller ones use a prefix of its blocks.
+        p, d, _, _ = layouts_for(spec, p_tp, d_tp, max(sizes), kernel=kernel, fa=fa)
+        for rank in range(d_tp):
+            pair = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=rank)
+            assert pair.templates == peer_templates(spec, d, p, rank)
+            for n in sizes:
+                p_ids, _ = block_ids(p, n, 1)
+                d_ids, _ = block_ids(d, n, 3)
+                for merge in (True, False):
+                    want = plan_request(spec=spec, decode=d, prefill=p, decode_rank=rank,
+                                        decode_block_ids=d_ids, prefill_block_ids=p_ids,
+                                        num_tokens=n, merge=merge)
+                    assert pair.plan(d_ids, p_ids, n, merge=merge) == want, render_plan(want)
+
+
+def _pair_kw(p_tp: int = 2, d_tp: int = 1, **kw):
+    p, d, p_ids, d_ids = layouts_for(TINY_SPEC, p_tp, d_tp, 300, **kw)
+    return dict(spec=TINY_SPEC, decode=d, prefill=p, decode_rank=0), p_ids, d_ids
+
+
+def _kb32(kw):
+    d = build_engine_layout(TINY_SPEC, kw["decode"].tp, kernel_block_size=32,
+                            num_blocks=kw["decode"].num_blocks)
+    return {**kw, "decode": d}
+
+
+PAIR_ERRORS = [
+    ("decode TP not permitted", lambda kw: {**kw, "decode": replace(kw["decode"], tp=3)},
+     "KV heads \\(4\\) is not divisible by TP=3"),
+    ("prefill layout corrupted",
+     lambda kw: {**kw, "prefill": replace(kw["prefill"], page_size_bytes=8)},
+     "prefill layout: layout field page_size_bytes"),
+    ("decode rank out of range", lambda kw: {**kw, "decode_rank": 1},
+     "decode rank 1 out of range for TP=1"),
+    ("kernel block sizes differ", _kb32, "kernel block sizes differ"),
+    ("conv layouts differ", lambda kw: {**kw, "decode": build_engine_layout(
+        TINY_SPEC, 1, num_blocks=kw["decode"].num_blocks, conv_layout=ConvLayout.SD)},
+     "conv state layouts differ"),
+    ("FA layouts differ", lambda kw: {**kw, "decode": build_engine_layout(
+        TINY_SPEC, 1, num_blocks=kw["decode"].num_blocks, fa_layout=FaLayout.SPLIT)},
+     "attention KV layouts differ"),
+    ("SD conv with different TP", lambda kw: _pair_kw(2, 1, conv=ConvLayout.SD)[0],
+     "VLLM_SSM_CONV_STATE_LAYOUT=DS"),
+    ("short decode region", lambda kw: {**kw, "decode_region_lens": (
+        kw["decode"].region_bytes - 1,) * kw["decode"].num_regions},
+     "decode rank 0: region 0 is"),
+    ("decode region count", lambda kw: {**kw, "decode_region_lens": (kw["decode"].region_bytes,)},
+     "decode rank 0: 1 registered regions, the layout has 2"),
+    ("short prefill region", lambda kw: {**kw, "prefill_region_lens": {
+        1: (kw["prefill"].region_bytes, 7)}}, "prefill rank 1: region 1 is 7 bytes"),
+]
+
+
+@pytest.mark.parametrize(("name", "corrupt", "message"), PAIR_ERRORS,
+                         ids=[c[0] for c in PAIR_ERRORS])
+def test_pair_level_errors_raise_at_build(name, corrupt, message) -> None:
+    kw, p_ids, d_ids = _pair_kw()
+    kw = corrupt(kw)
+    with pytest.raises(ValueError, match=message):
+        PairPlan.build(**kw)
+    # plan_request reports the same text.
+    with pytest.raises(ValueError, match=message):
+        plan_request(**kw, decode_block_ids=d_ids, prefill_block_ids=p_ids, num_tokens=300)
+
+
+def test_request_level_errors_raise_at_plan_not_build() -> None:
+    kw, p_ids, d_ids = _pair_kw()
+    pair = PairPlan.build(**kw)
+    with pytest.raises(ValueError, match="num_tokens must be a positive int"):
+        pair.plan(d_ids, p_ids, 0)
+    with pytest.raises(ValueError, match="appears twice"):
+        pair.plan(d_ids, (p_ids[0], p_ids[0]) + p_ids[2:], 300)
+    with pytest.raises(ValueError, match="Mamba group 0: 1 decode blocks but 2 prefill"):
+        spare = kw["prefill"].num_blocks - 1  # layouts_for leaves the last block free
+        pair.plan(d_ids, ((p_ids[0][0], spare),) + p_ids[1:], 300)
+    assert pair.plan(d_ids, p_ids, 300).bytes > 0  # the pair is still usable
+
+
+def test_per_request_plan_skips_pair_level_work(monkeypatch) -> None:
+    kw, p_ids, d_ids = _pair_kw(2, 4)
+    pairs = [PairPlan.build(**{**kw, "decode_rank": r}) for r in range(4)]
+    want = [plan_request(**{**kw, "decode_rank": r}, decode_block_ids=d_ids,
+                         prefill_block_ids=p_ids, num_tokens=n)
+            for r in range(4) for n in (1, 300)]
+
+    def boom(*_a, **_k):
+        raise AssertionError("pair-level work in the per-request path")
+
+    for mod, name in ((pair_mod, "peer_templates"), (pair_mod, "validate_layout"),
+                      (pair_mod, "check_tp"), (pair_mod, "_check_regions"),
+                      (templates_mod, "peer_templates"), (templates_mod, "rank_shard"),
+                      (templates_mod, "source_rank")):
+        monkeypatch.setattr(mod, name, boom)
+    got = [pair.plan(d_ids, p_ids, n) for pair in pairs for n in (1, 300)]
+    assert got == want
+
+
+def test_prefill_regions_default_until_set() -> None:
+    kw, p_ids, d_ids = _pair_kw(2, 1)
+    p = kw["prefill"]
+    pair = PairPlan.build(**kw)
+    assert [t.prefill_rank for t in pair.templates] == [0, 1]
+    assert pair.template(1) is pair.templates[1] and pair.template(5) is None
+    default = (p.region_bytes,) * p.num_regions
+    assert pair.prefill_lens(0) == pair.prefill_lens(1) == default
+    before = pair.plan(d_ids, p_ids, 300)
+    assert before == plan_request(**kw, decode_block_ids=d_ids, prefill_block_ids=p_ids,
+                                  num_tokens=300, prefill_region_lens={0: default})
+    bigger = (p.region_bytes + 4096,) * p.num_regions
+    pair.set_prefill_regions(1, bigger)
+    assert pair.prefill_lens(1) == bigger and pair.prefill_lens(0) == default
+    assert pair.plan(d_ids, p_ids, 300) == before
+    with pytest.raises(ValueError, match="prefill rank 0: region 0 is"):
+        pair.set_prefill_regions(0, (p.region_bytes - 1,) * p.num_regions)
+    assert pair.prefill_lens(0) == default  # a refused update leaves the old lengths
+    with pytest.raises(ValueError, match="prefill rank 2 out of range for TP=2"):
+        pair.set_prefill_regions(2, default)
+
+
+def test_region_lens_of_a_non_peer_rank_are_ignored_at_build() -> None:
+    # P TP2 -> D TP2: D rank 0 reads only P rank 0, as plan_request always did.
+    kw, p_ids, d_ids = _pair_kw(2, 2)
+    pair = PairPlan.build(**kw, prefill_region_lens={1: (1,)})
+    assert [t.prefill_rank for t in pair.templates] == [0]
+    assert pair.plan(d_ids, p_ids, 300) == plan_request(
+        **kw, decode_block_ids=d_ids, prefill_block_ids=p_ids, num_tokens=300,
+        prefill_region_lens={1: (1,)})

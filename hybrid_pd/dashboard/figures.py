@@ -38,8 +38,6 @@ _NAME_CATEGORY: dict[str, str] = {
     A.SPAN_PROXY_REQUEST: "proxy",
     A.SPAN_PROXY_PREFILL: "proxy",
     A.SPAN_PROXY_DECODE: "proxy",
-    A.SPAN_ENGINE_PREFILL: "engine",
-    A.SPAN_ENGINE_DECODE: "engine",
     A.SPAN_KV_HANDSHAKE: "handshake",
     A.SPAN_KV_DESC_BUILD: "descriptors",
     A.SPAN_KV_TRANSFER: "transfer",

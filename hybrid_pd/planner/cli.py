@@ -14,7 +14,8 @@ from typing import Any
 
 from hybrid_pd.planner.layout import ConvLayout, EngineLayout, build_engine_layout, cdiv
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
-from hybrid_pd.planner.plan import plan_request, rank_costs, render_plan
+from hybrid_pd.planner.plan import plan_request
+from hybrid_pd.planner.render import rank_costs, render_plan
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:

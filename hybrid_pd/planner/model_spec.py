@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 # Bytes per element.  vLLM's ``get_dtype_size`` over the cache dtypes we can meet.
 DTYPE_SIZES: dict[str, int] = {
@@ -234,6 +234,99 @@ def _mamba_head_dim(cfg: dict[str, Any], model_type: str, heads: int, intermedia
     return int(d_head)
 
 
+class _MambaFields(NamedTuple):
+    heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    conv_kernel: int
+
+
+def _model_type(cfg: dict[str, Any]) -> tuple[str, bool]:
+    """``(model_type, is_nemotron)``; ValueError for a missing or unsupported type."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config must be a JSON object, got {type(cfg).__name__}")
+    model_type = str(cfg.get("model_type") or "")
+    arch = " ".join(cfg.get("architectures") or [])
+    if not model_type:
+        raise ValueError("config.json is missing field 'model_type'")
+    is_nemotron = model_type == "nemotron_h" or "NemotronH" in arch
+    if not is_nemotron and model_type not in ("bamba", "granitemoehybrid", "falcon_h1"):
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: nemotron_h, bamba, "
+            "granitemoehybrid, falcon_h1"
+        )
+    return model_type, is_nemotron
+
+
+def _nemotron_layers(cfg: dict[str, Any], model_type: str) -> list[tuple[int, LayerKind]]:
+    if cfg.get("hybrid_override_pattern") is not None:
+        pattern = str(cfg["hybrid_override_pattern"])
+        bad = sorted(set(pattern) - set(_PATTERN_KINDS))
+        if bad:
+            raise ValueError(
+                f"{model_type}: hybrid_override_pattern has unknown characters {bad}; "
+                "expected M (Mamba2), * (attention), - (MLP), E (MoE)"
+            )
+        kinds = [_PATTERN_KINDS[c] for c in pattern]
+    else:
+        types = _need(cfg, model_type, "hybrid_override_pattern", "layers_block_type", "layer_types")
+        kinds = _kinds_from_types(types, model_type, "layers_block_type")
+    return list(enumerate(kinds))
+
+
+def _nemotron_mamba(cfg: dict[str, Any], model_type: str) -> _MambaFields:
+    return _MambaFields(
+        heads=int(_need(cfg, model_type, "mamba_num_heads")),
+        head_dim=int(_need(cfg, model_type, "mamba_head_dim")),
+        n_groups=int(_need(cfg, model_type, "n_groups")),
+        d_state=int(_need(cfg, model_type, "ssm_state_size")),
+        conv_kernel=int(_need(cfg, model_type, "conv_kernel")),
+    )
+
+
+def _bamba_family_mamba(cfg: dict[str, Any], model_type: str) -> _MambaFields:
+    """Bamba, GraniteMoeHybrid and FalconH1 share the ``mamba_*`` field names."""
+    hidden = int(_need(cfg, model_type, "hidden_size"))
+    heads = int(_need(cfg, model_type, "mamba_n_heads"))
+    if model_type == "falcon_h1" and cfg.get("mamba_d_ssm") is not None:
+        intermediate = int(cfg["mamba_d_ssm"])
+    else:
+        intermediate = int(_need(cfg, model_type, "mamba_expand")) * hidden
+    return _MambaFields(
+        heads=heads,
+        head_dim=_mamba_head_dim(cfg, model_type, heads, intermediate),
+        n_groups=int(_need(cfg, model_type, "mamba_n_groups")),
+        d_state=int(_need(cfg, model_type, "mamba_d_state")),
+        conv_kernel=int(_need(cfg, model_type, "mamba_d_conv")),
+    )
+
+
+def _bamba_family_layers(
+    cfg: dict[str, Any], model_type: str, num_layers: int
+) -> list[tuple[int, LayerKind]]:
+    if model_type == "bamba":
+        attn = set(int(i) for i in _need(cfg, model_type, "attn_layer_indices"))
+        return [
+            (i, LayerKind.ATTENTION if i in attn else LayerKind.MAMBA) for i in range(num_layers)
+        ]
+    if model_type == "granitemoehybrid":
+        types = _need(cfg, model_type, "layer_types", "layers_block_type")
+        kinds = _kinds_from_types(types, model_type, "layer_types")
+        if len(kinds) != num_layers:
+            raise ValueError(
+                f"{model_type}: layer_types has {len(kinds)} entries but "
+                f"num_hidden_layers is {num_layers}"
+            )
+        return list(enumerate(kinds))
+    # FalconH1: attention and Mamba2 side by side in every decoder layer.
+    cache_layers = []
+    for i in range(num_layers):
+        cache_layers.append((i, LayerKind.ATTENTION))
+        cache_layers.append((i, LayerKind.MAMBA))
+    return cache_layers
+
+
 def spec_from_hf_config(
     cfg: dict[str, Any],
     *,
@@ -247,73 +340,15 @@ def spec_from_hf_config(
     ``mamba_ssm_cache_dtype``); a config's ``mamba_ssm_cache_dtype`` is honoured, and
     the keyword arguments override everything.
     """
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config must be a JSON object, got {type(cfg).__name__}")
-    model_type = str(cfg.get("model_type") or "")
-    arch = " ".join(cfg.get("architectures") or [])
-    if not model_type:
-        raise ValueError("config.json is missing field 'model_type'")
-
-    is_nemotron = model_type == "nemotron_h" or "NemotronH" in arch
-    if not is_nemotron and model_type not in ("bamba", "granitemoehybrid", "falcon_h1"):
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: nemotron_h, bamba, "
-            "granitemoehybrid, falcon_h1"
-        )
+    model_type, is_nemotron = _model_type(cfg)
     heads, kv_heads, head_dim = _attention_fields(cfg, model_type)
-    cache_layers: list[tuple[int, LayerKind]]
-
     if is_nemotron:
-        if cfg.get("hybrid_override_pattern") is not None:
-            pattern = str(cfg["hybrid_override_pattern"])
-            bad = sorted(set(pattern) - set(_PATTERN_KINDS))
-            if bad:
-                raise ValueError(
-                    f"{model_type}: hybrid_override_pattern has unknown characters {bad}; "
-                    "expected M (Mamba2), * (attention), - (MLP), E (MoE)"
-                )
-            kinds = [_PATTERN_KINDS[c] for c in pattern]
-        else:
-            types = _need(cfg, model_type, "hybrid_override_pattern", "layers_block_type", "layer_types")
-            kinds = _kinds_from_types(types, model_type, "layers_block_type")
-        cache_layers = list(enumerate(kinds))
-        m_heads = int(_need(cfg, model_type, "mamba_num_heads"))
-        m_head_dim = int(_need(cfg, model_type, "mamba_head_dim"))
-        n_groups = int(_need(cfg, model_type, "n_groups"))
-        d_state = int(_need(cfg, model_type, "ssm_state_size"))
-        conv_kernel = int(_need(cfg, model_type, "conv_kernel"))
+        cache_layers = _nemotron_layers(cfg, model_type)
+        mamba = _nemotron_mamba(cfg, model_type)
     else:
         num_layers = int(_need(cfg, model_type, "num_hidden_layers"))
-        hidden = int(_need(cfg, model_type, "hidden_size"))
-        m_heads = int(_need(cfg, model_type, "mamba_n_heads"))
-        if model_type == "falcon_h1" and cfg.get("mamba_d_ssm") is not None:
-            intermediate = int(cfg["mamba_d_ssm"])
-        else:
-            intermediate = int(_need(cfg, model_type, "mamba_expand")) * hidden
-        m_head_dim = _mamba_head_dim(cfg, model_type, m_heads, intermediate)
-        n_groups = int(_need(cfg, model_type, "mamba_n_groups"))
-        d_state = int(_need(cfg, model_type, "mamba_d_state"))
-        conv_kernel = int(_need(cfg, model_type, "mamba_d_conv"))
-        if model_type == "bamba":
-            attn = set(int(i) for i in _need(cfg, model_type, "attn_layer_indices"))
-            cache_layers = [
-                (i, LayerKind.ATTENTION if i in attn else LayerKind.MAMBA) for i in range(num_layers)
-            ]
-        elif model_type == "granitemoehybrid":
-            types = _need(cfg, model_type, "layer_types", "layers_block_type")
-            kinds = _kinds_from_types(types, model_type, "layer_types")
-            if len(kinds) != num_layers:
-                raise ValueError(
-                    f"{model_type}: layer_types has {len(kinds)} entries but "
-                    f"num_hidden_layers is {num_layers}"
-                )
-            cache_layers = list(enumerate(kinds))
-        else:
-            # FalconH1: attention and Mamba2 side by side in every decoder layer.
-            cache_layers = []
-            for i in range(num_layers):
-                cache_layers.append((i, LayerKind.ATTENTION))
-                cache_layers.append((i, LayerKind.MAMBA))
+        mamba = _bamba_family_mamba(cfg, model_type)
+        cache_layers = _bamba_family_layers(cfg, model_type, num_layers)
 
     default_ssm = cfg.get("mamba_ssm_cache_dtype") or "float32"
     if default_ssm == "auto":
@@ -324,11 +359,11 @@ def spec_from_hf_config(
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        mamba_num_heads=m_heads,
-        mamba_head_dim=m_head_dim,
-        n_groups=n_groups,
-        d_state=d_state,
-        conv_kernel=conv_kernel,
+        mamba_num_heads=mamba.heads,
+        mamba_head_dim=mamba.head_dim,
+        n_groups=mamba.n_groups,
+        d_state=mamba.d_state,
+        conv_kernel=mamba.conv_kernel,
         kv_dtype=kv_dtype or "bfloat16",
         conv_dtype=conv_dtype or "bfloat16",
         ssm_dtype=ssm_dtype or str(default_ssm),

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybrid_pd.planner.descs import RequestPlan
 from hybrid_pd.planner.layout import ConvLayout, EngineLayout, FaLayout
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
-from hybrid_pd.planner.plan import RequestPlan, render_plan
+from hybrid_pd.planner.render import render_plan
 
 FILL = 0x5A
 

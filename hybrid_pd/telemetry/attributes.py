@@ -47,11 +47,6 @@ SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
 # The proxy's call to the prefill engine / the decode engine.
 SPAN_PROXY_PREFILL = "hybrid_pd.proxy.prefill"
 SPAN_PROXY_DECODE = "hybrid_pd.proxy.decode"
-# An engine's handling of one request (under the proxy span via W3C traceparent).
-# Nothing emits these two yet; they stay only while dashboard/figures.py maps them
-# (tests/test_telemetry_attributes.py says when they can go).
-SPAN_ENGINE_PREFILL = "hybrid_pd.engine.prefill"
-SPAN_ENGINE_DECODE = "hybrid_pd.engine.decode"
 
 SPANS: dict[str, str] = {
     SPAN_KV_DESC_BUILD: "Descriptor list build; `kv.desc.scope` says local registration, "
@@ -66,8 +61,6 @@ SPANS: dict[str, str] = {
     SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root).",
     SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
     SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
-    SPAN_ENGINE_PREFILL: "The prefill engine's handling of one request.",
-    SPAN_ENGINE_DECODE: "The decode engine's handling of one request.",
 }
 
 # ----------------------------------------------------------------------- attribute keys
