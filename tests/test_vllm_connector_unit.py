@@ -149,14 +149,15 @@ def test_read_ids_index_the_dual_views_at_the_planned_bytes():
                         decode_block_ids=aligned.decode_block_ids,
                         prefill_block_ids=aligned.prefill_block_ids,
                         num_tokens=aligned.num_tokens, merge=False)
-    lids, rids = vm.read_ids(plan, 0)
+    read = vm.read_from(plan, 0)
+    lids, rids = read.local_ids, read.remote_ids
     assert [local[i] for i in lids] == list(plan.reads[0].local)
     assert [remote[i] for i in rids] == list(plan.reads[0].remote)
     # FA: 2 layers x 3 blocks x 262,144 B; Mamba: 3 layers x (9,216 + 131,072) B, no pad
     assert plan.bytes == 2 * 3 * 262144 + 3 * (9216 + 131072)
     # layers 1 and 6 (regions 0, 1) x 3 blocks + layers 0, 5, 3 x (conv, ssm)
     assert len(lids) == 6 + 6
-    assert vm.read_ids(plan, 1) == ((), ())
+    assert vm.read_from(plan, 1) is None
 
 
 # -- heterogeneous TP: one local dual view per (D rank, P rank) -------------------------
@@ -194,7 +195,8 @@ def test_hetero_tp_per_peer_views_cover_the_d_shard_once(p_tp, d_tp, n_groups):
         for p_rank, tmpl in templates.items():
             local, remote = dual_view(dl, tmpl, "local"), dual_view(pl, tmpl, "remote")
             (read,) = [r for r in plan.reads if r.prefill_rank == p_rank]
-            lids, rids = vm.read_ids(plan, p_rank)
+            assert vm.read_from(plan, p_rank) is read
+            lids, rids = read.local_ids, read.remote_ids
             assert [local[i] for i in lids] == list(read.local)
             assert [remote[i] for i in rids] == list(read.remote)
             covered += [local[i] for i in lids]

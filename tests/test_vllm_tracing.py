@@ -1,14 +1,15 @@
-"""Unit tests of the connector tracing mixins' logic over a fake upstream worker.
+"""Unit tests of the connector's read path and tracing mixins over a fake upstream worker.
 
 The fake keeps upstream's contracts that the mixins rely on (``_recving_transfers``
-handles, ``_pop_done_transfers`` / ``_handle_failed_transfer`` semantics,
-``get_transfer_results``); the real thing is exercised end to end in
+handles, ``_handle_failed_transfer`` / ``_log_failure`` / ``xfer_stats`` semantics,
+``get_transfer_results``) and is checked against the same manifest as the real classes
+(tests/test_vllm_contract.py); the real thing is exercised end to end in
 tests/e2e/test_hybrid_connector.py (spans from real engines, both connectors)."""
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,11 +17,14 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import NoOpTracer, StatusCode
 
 from hybrid_pd.connector import vllm_tracing as vt
+from hybrid_pd.connector.read_path import ReadPathWorkerMixin
+from hybrid_pd.settings import KEY_READ_TIMEOUT, TRACE_PARAMS_KEY
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import engine as tel
+from hybrid_pd.transfer.reads import ReadResult
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
@@ -30,27 +34,45 @@ class FakeNixl:
     def __init__(self) -> None:
         self.states: dict[int, str] = {}
         self.released: list[int] = []
+        self.calls: Counter[str] = Counter()
 
     def check_xfer_state(self, h: int) -> str:
+        self.calls["check_xfer_state"] += 1
         return self.states[h]
 
     def get_xfer_telemetry(self, h: int) -> Any:
-        return SimpleNamespace(postDuration=5, xferDuration=70, totalBytes=4096, descCount=3)
+        self.calls["get_xfer_telemetry"] += 1
+        return SimpleNamespace(startTime=1, postDuration=5, xferDuration=70, totalBytes=4096,
+                               descCount=3)
 
     def release_xfer_handle(self, h: int) -> None:
+        self.calls["release_xfer_handle"] += 1
         self.released.append(h)
 
 
+class FakeStats:
+    def __init__(self) -> None:
+        self.transfers: list[Any] = []
+        self.failed = 0
+
+    def record_transfer(self, res: Any) -> None:
+        self.transfers.append(res)
+
+    def record_failed_transfer(self) -> None:
+        self.failed += 1
+
+
 class FakeUpstreamWorker:
-    """The parts of vLLM 0.32's NixlPullConnectorWorker the mixin wraps."""
+    """The parts of vLLM 0.32's NixlPullConnectorWorker the mixins wrap."""
 
     def __init__(self, timeout: object = None) -> None:
-        extra = {} if timeout is None else {vt.TIMEOUT_KEY: timeout}
+        extra = {} if timeout is None else {KEY_READ_TIMEOUT: timeout}
         self.vllm_config = SimpleNamespace(
             kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
             parallel_config=SimpleNamespace(tensor_parallel_size=1))
         self.engine_id, self.tp_rank = "decode-engine", 0
         self.nixl_wrapper = FakeNixl()
+        self.xfer_stats = FakeStats()
         self._recving_transfers: dict[str, list[int]] = defaultdict(list)
         self._recv_failures: set[str] = set()
         self._reqs_to_send: dict[str, float] = {}
@@ -63,49 +85,67 @@ class FakeUpstreamWorker:
         self._reqs_to_send.update(metadata.reqs_to_send)
 
     def _read_blocks_for_req(self, req_id: str, meta: Any) -> None:
-        self._read_blocks(SimpleNamespace(remote_rank=0), meta.remote.engine_id, req_id)
+        self._read_blocks(SimpleNamespace(remote_rank=0), meta.remote.engine_id, req_id,
+                          f"remote-{req_id}", 1, None, 2, 1, True)
 
-    def _compute_desc_ids(self, *args: Any, **kwargs: Any) -> list[int]:
+    def _compute_desc_ids(self, block_ids: Any, dst_num_blocks: int, block_size_ratio: Any,
+                          physical_blocks_per_logical: int, region_num_blocks: Any = None,
+                          region_group_ids: Any = None,
+                          uses_region_group_mapping: bool = False) -> list[int]:
         return [1, 2, 3]
 
-    def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str) -> bool:
-        self._compute_desc_ids()
-        self._compute_desc_ids()
+    def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str,
+                     remote_request_id: str, local_xfer_side_handle: int,
+                     local_dram_handle: int | None, remote_xfer_side_handle: int,
+                     expected_consumers: int, awaiting_kvs: bool) -> bool:
+        self._compute_desc_ids([[1]], 10, None, 1)
+        self._compute_desc_ids([[1]], 10, 1, 1)
         self._next += 1
         self.nixl_wrapper.states[self._next] = "PROC"
         self._recving_transfers[request_id].append(self._next)
         return True
 
-    def _log_failure(self, failure_type: str, req_id: str | None, msg: str = "", **kw: Any) -> None:
+    def _log_failure(self, failure_type: str, req_id: str | None, msg: str = "",
+                     error: Exception | None = None, meta: Any = None,
+                     **extra_context: Any) -> None:
         self.logged.append(f"{failure_type} {req_id} {msg}")
 
-    def _handle_failed_transfer(self, req_id: str, handle: int | None, failed: set[str] | None = None) -> bool:
-        if failed is not None:
-            failed.add(req_id)
+    def _handle_failed_transfer(self, req_id: str, handle: int | None,
+                                failed_req_ids: set[str] | None = None,
+                                record_failed_transfer: bool = True) -> bool:
+        if record_failed_transfer:
+            self.xfer_stats.record_failed_transfer()
+        if failed_req_ids is not None:
+            failed_req_ids.add(req_id)
         if handle is not None:
             self.nixl_wrapper.release_xfer_handle(handle)
         return True
 
     def _pop_done_transfers(self, transfers: dict[str, list[int]]) -> tuple[set[str], set[str]]:
-        done: set[str] = set()
-        failed: set[str] = set()
-        for rid, handles in list(transfers.items()):
-            left = []
-            for h in handles:
-                state = self.nixl_wrapper.check_xfer_state(h)
-                if state == "DONE":
-                    self.nixl_wrapper.release_xfer_handle(h)
-                elif state == "PROC":
-                    left.append(h)
-                else:
-                    self._log_failure("transfer_failed", rid)
-                    self._handle_failed_transfer(rid, h, failed)
-            if left:
-                transfers[rid] = left
-            else:
-                done.add(rid)
-                del transfers[rid]
-        return done, failed
+        raise AssertionError("the read path replaces upstream's poll")
+
+    # descriptor builds and handshakes (the tracing layer times them)
+    def _build_fa_local(self, base_addresses: list[int], block_size_ratio: int) -> Any:
+        return [(a, 64, 0) for a in base_addresses]
+
+    def _build_mamba_local(self, base_addresses: list[int]) -> Any:
+        return [(a, 32, 0) for a in base_addresses]
+
+    def _build_fa_remote(self, plan: Any, nixl_agent_meta: Any, block_size_ratio: int) -> Any:
+        return [(0, 64, 0)]
+
+    def _build_mamba_remote(self, nixl_agent_meta: Any, tp_ratio: int, transfer_info: Any) -> Any:
+        return [(0, 32, 0)]
+
+    def add_remote_agent(self, nixl_agent_meta: Any, remote_tp_rank: int = 0,
+                         remote_tp_size: int = 1, remote_dcp_size: int = 1) -> str:
+        self._build_fa_remote(None, nixl_agent_meta, 1)
+        return "agent"
+
+    def _nixl_handshake(self, host: str, port: int, remote_tp_size: int,
+                        expected_engine_id: str, remote_dcp_size: int = 1,
+                        remote_pp_size: int = 1, notif_agents_only: bool = False) -> Any:
+        return {0: self.add_remote_agent(SimpleNamespace(engine_id=expected_engine_id))}
 
     def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
         for rid in [r for r, t in self._reqs_to_send.items() if t <= time.perf_counter()]:
@@ -126,7 +166,16 @@ class FakeUpstreamWorker:
                                finished_sending=sending)
 
 
-class Worker(vt.TracedWorkerMixin, FakeUpstreamWorker):
+class Guarded(ReadPathWorkerMixin, FakeUpstreamWorker):
+    """The read path alone (tracing off)."""
+
+
+def post(w: Any, rid: str) -> None:
+    w._read_blocks(SimpleNamespace(remote_rank=0), "prefill-engine", rid, f"remote-{rid}", 1,
+                   None, 2, 1, True)
+
+
+class Worker(vt.TracedWorkerMixin, ReadPathWorkerMixin, FakeUpstreamWorker):
     HY_CONNECTOR = "hybrid"
 
 
@@ -266,8 +315,8 @@ def test_scheduler_forwards_trace_hand_off_to_workers() -> None:
     s = Scheduler()
     hand_off = {"traceparent": f"00-{TRACE}-{PARENT}-01", "request_id": "pd-1"}
     p_req = SimpleNamespace(request_id="p1", kv_transfer_params={"do_remote_decode": True,
-                                                                   tel.PARAMS_KEY: hand_off})
-    d_req = SimpleNamespace(request_id="d1", kv_transfer_params={tel.PARAMS_KEY: {"request_id": "pd-2"}})
+                                                                   TRACE_PARAMS_KEY: hand_off})
+    d_req = SimpleNamespace(request_id="d1", kv_transfer_params={TRACE_PARAMS_KEY: {"request_id": "pd-2"}})
     plain = SimpleNamespace(request_id="x", kv_transfer_params={"remote_engine_id": "P"})
     s.request_finished(p_req, ())
     s._reqs_need_recv = {"d1": (d_req, [], (), True), "x": (plain, [], (), True)}
@@ -278,24 +327,29 @@ def test_scheduler_forwards_trace_hand_off_to_workers() -> None:
 
 def test_hand_off_from_params_ignores_junk() -> None:
     assert tel.from_params(None) is None
-    assert tel.from_params({tel.PARAMS_KEY: "nope"}) is None
-    assert tel.from_params({tel.PARAMS_KEY: {"traceparent": 5, "evil": "x"}}) is None
-    assert tel.from_params({tel.PARAMS_KEY: {"request_id": "r" * 600}}) is None
+    assert tel.from_params({TRACE_PARAMS_KEY: "nope"}) is None
+    assert tel.from_params({TRACE_PARAMS_KEY: {"traceparent": 5, "evil": "x"}}) is None
+    assert tel.from_params({TRACE_PARAMS_KEY: {"request_id": "r" * 600}}) is None
     assert tel.context_of({"request_id": "r"}) is None
 
 
 def test_per_layer_reads_carry_their_layer(spans: InMemorySpanExporter) -> None:
-    class LayerCore(FakeUpstreamWorker):  # like _HybridWorkerCore: posts one READ per layer
-        def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str) -> bool:
-            self._hy_last_plan = (time.time_ns(), time.time_ns(), 8192, 6)
-            self._hy_last_layers = [(1, "attention", 4096, 3), (3, "mamba", 4096, 3)]
-            for _ in range(2):
+    class LayerCore(FakeUpstreamWorker):  # like HybridWorkerCore: posts one READ per layer
+        def _read_blocks(self, read_spec: Any, dst_engine_id: str, request_id: str,
+                         *args: Any) -> bool:
+            t = time.monotonic_ns()
+            self._hy_mapped(t, t + 1000, 8192, 6)
+            started = []
+            for layer, kind in ((1, "attention"), (3, "mamba")):
                 self._next += 1
                 self.nixl_wrapper.states[self._next] = "DONE"
-                self._recving_transfers[request_id].append(self._next)
+                started.append((self._next, ReadResult(0, layer, 4096, 3, "PROC", t_make_ns=t,
+                                                       t_post_ns=t, kind=kind)))
+            self.hy_register_reads(request_id, started)
+            self._recving_transfers[request_id].extend(h for h, _ in started)
             return True
 
-    class LayerWorker(vt.TracedWorkerMixin, LayerCore):
+    class LayerWorker(vt.TracedWorkerMixin, ReadPathWorkerMixin, LayerCore):
         pass
 
     w = LayerWorker()
@@ -308,3 +362,68 @@ def test_per_layer_reads_carry_their_layer(spans: InMemorySpanExporter) -> None:
     (xfer,), (mapping,) = got[A.SPAN_KV_TRANSFER], got[A.SPAN_KV_DESC_BUILD]
     assert xfer.attributes[A.KV_READS] == 2 and xfer.attributes[A.KV_BYTES] == 8192
     assert mapping.attributes[A.KV_BYTES] == 8192 and mapping.attributes[A.KV_DESCRIPTORS] == 6
+
+
+# -- behaviour apart from tracing -------------------------------------------------------
+
+
+def test_stall_guard_works_with_tracing_off() -> None:
+    w = Guarded(timeout=0.05)
+    post(w, "req-1")
+    (h,) = w._recving_transfers["req-1"]
+    assert w.get_transfer_results().finished_recving == set()
+    time.sleep(0.08)
+    res = w.get_transfer_results()
+    assert res.finished_recving == {"req-1"} and res.failed_recving == {"req-1"}
+    assert w.nixl_wrapper.released == [h] and w.xfer_stats.failed == 1
+    assert any(line.startswith("transfer_stalled req-1") for line in w.logged), w.logged
+
+
+@pytest.mark.parametrize("off", ["off", 0, None])
+def test_stall_guard_switched_off(off: object) -> None:
+    w = Guarded(timeout=off)
+    assert w.hy_guard.timeout_s is None
+    post(w, "req-1")
+    time.sleep(0.02)
+    assert w.get_transfer_results().finished_recving == set() and not w.nixl_wrapper.released
+
+
+def _drive(w: Any) -> Counter[str]:
+    """Three requests: one DONE at the 2nd poll, one ERR at the 2nd, one still PROC."""
+    for rid in ("a", "b", "c"):
+        post(w, rid)
+    w.get_transfer_results()
+    nixl = w.nixl_wrapper
+    (ha,), (hb,) = w._recving_transfers["a"], w._recving_transfers["b"]
+    nixl.states[ha], nixl.states[hb] = "DONE", "ERR"
+    w.get_transfer_results()
+    w.get_transfer_results()
+    return nixl.calls
+
+
+def test_non_recording_tracing_makes_no_extra_nixl_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tel, "engine_tracer", lambda engine_id=None: NoOpTracer())
+    traced, untraced = _drive(Worker()), _drive(Guarded())
+    assert traced == untraced
+    # upstream's own cost: one check per live handle per poll, telemetry once per DONE
+    assert untraced == Counter({"check_xfer_state": 3 + 3 + 1, "get_xfer_telemetry": 1,
+                                "release_xfer_handle": 2})
+
+
+def test_recording_tracing_makes_no_extra_nixl_calls(spans: InMemorySpanExporter) -> None:
+    assert _drive(Worker()) == _drive(Guarded())
+    assert len(by_name(spans)[A.SPAN_KV_READ]) == 2
+
+
+def test_handshake_and_descriptor_builds_are_spans(spans: InMemorySpanExporter) -> None:
+    w = Worker()
+    w._build_fa_local([0x1000, 0x2000], 1)
+    w._nixl_handshake("127.0.0.1", 5600, 1, "prefill-engine")
+    got = by_name(spans)
+    (hs,) = got[A.SPAN_KV_HANDSHAKE]
+    builds = {s.attributes[A.KV_DESC_SCOPE]: s for s in got[A.SPAN_KV_DESC_BUILD]}
+    assert builds["local"].attributes[A.KV_DESCRIPTORS] == 2
+    assert builds["local"].attributes[A.KV_BYTES] == 128
+    assert builds["remote"].parent.span_id == hs.context.span_id
+    assert builds["remote"].attributes[A.KV_PEER_ENGINE_ID] == "prefill-engine"
+    assert hs.attributes[A.KV_PEER_ENGINE_ID] == "prefill-engine"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from hybrid_pd.planner.layout import EngineLayout, KVCacheGroup
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
-from hybrid_pd.planner.plan import PeerTemplate, RequestPlan
+from hybrid_pd.planner.plan import PeerTemplate, ReadPlan, RequestPlan
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -220,13 +220,10 @@ def reorder(items: Sequence, perm: Sequence[int]) -> tuple:
     return tuple(out)
 
 
-def read_ids(plan: RequestPlan, prefill_rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(local_ids, remote_ids)`` into the dual views for the read from one P rank
-    (empty when the plan reads nothing from it)."""
-    for r in plan.reads:
-        if r.prefill_rank == prefill_rank:
-            return r.local_ids, r.remote_ids
-    return (), ()
+def read_from(plan: RequestPlan, prefill_rank: int) -> ReadPlan | None:
+    """The plan's read from one P rank (ids index the pair's dual views); None when the
+    plan reads nothing from it (upstream still lists it: it only gets notified)."""
+    return next((r for r in plan.reads if r.prefill_rank == prefill_rank), None)
 
 
 def templates_by_rank(templates: Sequence[PeerTemplate]) -> dict[int, PeerTemplate]:
@@ -259,7 +256,7 @@ __all__ = [
     "check_measured_layout",
     "check_source_ranks",
     "group_permutation",
-    "read_ids",
+    "read_from",
     "region_bases",
     "remote_region_order",
     "reorder",

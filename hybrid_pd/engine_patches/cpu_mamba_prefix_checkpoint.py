@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hybrid_pd.engine_patches.base import EnginePatch
+from hybrid_pd.settings import VLLM_REQUIREMENT
 
-REQUIREMENT = "vllm>=0.32,<0.33"
 CLOSES = "vLLM-CPU 0.32: hybrid + prefix caching IndexError at mamba_mixer2.py:880 (no upstream issue)"
 
 
@@ -177,7 +177,7 @@ PATCHES = [
         name="cpu-mamba-chunk-states",
         closes=CLOSES,
         description="CPU SSD scan returns per-chunk states when the mixer asks for them",
-        requirement=REQUIREMENT,
+        requirement=VLLM_REQUIREMENT,
         module="vllm.model_executor.layers.mamba.ops.ssd_combined",
         qualname="_mamba_chunk_scan_combined_fwd",
         expected_params=(
@@ -193,7 +193,7 @@ PATCHES = [
         name="cpu-mamba-checkpoint-store",
         closes=CLOSES,
         description="torch implementation of the Triton prefill-checkpoint store on CPU",
-        requirement=REQUIREMENT,
+        requirement=VLLM_REQUIREMENT,
         module="vllm.model_executor.layers.mamba.mamba_mixer2",
         qualname="store_prefill_checkpoint",
         expected_params=(

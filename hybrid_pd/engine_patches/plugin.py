@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from hybrid_pd.settings import ENV_PATCHES
+
 logger = logging.getLogger("hybrid_pd.engine_patches")
 _done = False
 
@@ -20,8 +22,8 @@ def register() -> None:
     if _done:
         return
     _done = True
-    if os.environ.get("HYBRID_PD_PATCHES", "1") == "0":
-        logger.warning("hybrid-pd engine patches disabled by HYBRID_PD_PATCHES=0")
+    if os.environ.get(ENV_PATCHES, "1") == "0":
+        logger.warning("hybrid-pd engine patches disabled by %s=0", ENV_PATCHES)
         return
     # vLLM's logger config does not cover our namespace: make the result visible.
     if not logger.handlers and not logging.getLogger().handlers:
