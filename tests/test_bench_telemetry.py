@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from helpers import Rotel
 
+from hybrid_pd.bench import measure
 from hybrid_pd.bench import runner as bench
 from hybrid_pd.bench.runner import parse_telemetry
 from hybrid_pd.telemetry import attributes as A
@@ -155,8 +156,8 @@ def test_several_modes_one_report_per_mode(monkeypatch: pytest.MonkeyPatch) -> N
 def test_read_order(telemetry_on: bool, i: int, order: list[str]) -> None:
     # Every timed read (baseline, untraced, traced) follows a baseline READ - also across
     # requests - so none inherits a previous hybrid read's after-effects.
-    assert bench._read_order(i, telemetry_on) == order
-    seq = [k for j in range(4) for k in bench._read_order(j, telemetry_on)]
+    assert measure._read_order(i, telemetry_on) == order
+    seq = [k for j in range(4) for k in measure._read_order(j, telemetry_on)]
     for k in range(1, len(seq)):
         if seq[k] in ("baseline", "hybrid", "traced"):
             assert seq[k - 1] in ("baseline", "spacer", "spacer2"), (k, seq)

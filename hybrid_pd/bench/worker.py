@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from opentelemetry.trace import NoOpTracer, Tracer
 
-from hybrid_pd.bench.runner import BenchCase, build_case
+from hybrid_pd.bench.case import BenchCase, build_case
 from hybrid_pd.planner.reshard import make_full_state, shard_rank
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.transfer import handshake as hs

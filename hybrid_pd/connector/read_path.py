@@ -161,9 +161,9 @@ class ReadPathWorkerMixin:
         self._hy_path()["aborted"] += 1
         w._log_failure(failure_type="transfer_stalled", req_id=req_id,
                        msg=f"{reason}; releasing the handle ({KEY_READ_TIMEOUT})")
-        rec.status, rec.reason, rec.t_end_ns = "TIMEOUT", reason, now_ns()
-        w.xfer_stats.record_failed_transfer()
-        failed.add(req_id)
+        # upstream's failure bookkeeping (metric, failed engine, failed request); the
+        # release is ours so that we learn whether NIXL gave the handle up
+        w._handle_failed_transfer(req_id, None, failed)
         released = abort_read(w.nixl_wrapper, handle, rec, "TIMEOUT", reason)
         self._hy_read_aborted(req_id, rec, now)
         self._hy_finish(handle, rec)

@@ -1,6 +1,6 @@
 """Plain-data glue between vLLM's NIXL worker and our planner (house rules 1 and 3).
 
-No torch, vLLM or NIXL import: :mod:`hybrid_pd.connector.vllm_connector` reads the
+No torch, vLLM or NIXL import: :mod:`.sides` and :mod:`.hybrid_worker` read the
 engine objects (kv_caches, KVCacheConfig, NixlAgentMetadata, ReqMeta) into ints, strs
 and tuples and calls these functions, which the unit tests call directly.
 
@@ -16,7 +16,8 @@ and tuples and calls these functions, which the unit tests call directly.
   planner regions.
 * :func:`align_request` - upstream's block-list conventions (D lists only the blocks
   it did not find in its own prefix cache; Mamba groups hold the state slot(s)) to the
-  token-aligned lists :func:`plan.plan_request` takes.
+  token-aligned lists :meth:`PairPlan.plan <hybrid_pd.planner.pair.PairPlan.plan>` takes.
+* :func:`read_from` - the plan's read from one P rank (None: that rank is only notified).
 * :func:`templates_by_rank` / :func:`check_source_ranks` - heterogeneous TP: the P
   ranks the planner reads from must be the ones vLLM's TP mapping handshakes with,
   reads from and notifies.

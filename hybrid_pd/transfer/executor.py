@@ -42,14 +42,8 @@ from opentelemetry.trace import Tracer
 
 from hybrid_pd.planner.layout import EngineLayout
 from hybrid_pd.planner.model_spec import HybridModelSpec
-from hybrid_pd.planner.plan import (
-    ReadPlan,
-    RequestPlan,
-    dual_view,
-    merge_descs,
-    peer_templates,
-    to_addr_descs,
-)
+from hybrid_pd.planner.pair import PairPlan
+from hybrid_pd.planner.plan import ReadPlan, RequestPlan, dual_view, merge_descs, to_addr_descs
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.transfer import handshake as hs
 from hybrid_pd.transfer import spans as S
@@ -222,9 +216,11 @@ class NixlExecutor:
         """Both sides' dual views for this (D rank, P rank) pair, prepped once."""
         assert self.spec is not None and self.local_layout is not None
         d_rank = self.local_meta.layout.rank if self.local_meta else 0
-        tpl = {t.prefill_rank: t
-               for t in peer_templates(self.spec, self.local_layout, peer.layout, d_rank)}
-        t = tpl.get(peer.meta.layout.rank)
+        # The pair's checks (TP, layouts, kernel blocks, regions) run once, here.
+        pair_plan = PairPlan.build(spec=self.spec, decode=self.local_layout, prefill=peer.layout,
+                                   decode_rank=d_rank, decode_region_lens=self.region_lens,
+                                   prefill_region_lens={peer.meta.layout.rank: peer.lens})
+        t = pair_plan.template(peer.meta.layout.rank)
         if t is None:  # this D rank reads nothing from that P rank
             return
         pair = self._pair_attrs(peer.meta)
