@@ -1,6 +1,6 @@
 """Layout math: shards, HMA unification, groups.  No GPU or NIXL required.
 
-Exhaustive small grids against brute force (house rule 5), hand arithmetic in comments.
+Exhaustive small grids against brute force, hand arithmetic in comments.
 """
 
 from __future__ import annotations

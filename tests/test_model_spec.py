@@ -35,7 +35,7 @@ def test_nemotron_8b_counts() -> None:
     cfg = json.loads((Path(__file__).parent / "data" / "nemotron-h-8b.config.json").read_text())
     spec = spec_from_hf_config(cfg)
     assert len(spec.mamba_layers) == 24 and len(spec.attention_layers) == 4
-    # conv_dim = 128*64 + 2*8*128 = 10240 (BRIEF section 4)
+    # conv_dim = 128*64 + 2*8*128 = 10240 (its public config)
     assert spec.conv_dim == 10240
 
 

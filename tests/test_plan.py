@@ -41,7 +41,7 @@ from hybrid_pd.planner.plan import (
 
 HERE = Path(__file__).parent
 TINY = json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text())
-# BRIEF §4's public Nemotron-H-8B layout fields (a copy of shared/configs/).
+# The public Nemotron-H-8B config's layout fields.
 NEMOTRON_8B = json.loads((HERE / "data" / "nemotron-h-8b.config.json").read_text())
 TPS = (1, 2, 4, 8)
 
@@ -248,7 +248,7 @@ def test_to_addr_descs() -> None:
 
 
 # ----------------------------------------------------------------------------------
-# Nemotron-H-8B (BRIEF section 4).  TP1: attn 2*8*128*2 = 4096 B/token; Mamba
+# Nemotron-H-8B (its public config).  TP1: attn 2*8*128*2 = 4096 B/token; Mamba
 # 61,440 + 4,194,304 = 4,255,744 B -> block 16*cdiv(4,255,744, 65,536) = 1040,
 # page 1040*4096 = 4,259,840 B, padding 4,096 B.
 # ----------------------------------------------------------------------------------

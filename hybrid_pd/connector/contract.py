@@ -160,13 +160,12 @@ METHODS: tuple[Method, ...] = (
     Method("scheduler", "build_connector_meta", "tracing wraps", _T,
            ("self", "scheduler_output")),
     # -- the connectors -------------------------------------------------------------------
-    Method("connector", "__init__", "the nixl-upstream-tracing patch wraps, hybrid replaces",
+    Method("connector", "__init__", "the nixl-upstream-read-path and -tracing patches wrap, hybrid replaces",
            _HT, ("self", "vllm_config", "role", "kv_cache_config")),
     Method("base_connector", "__init__", "hybrid calls", _H,
            ("self", "vllm_config", "role", "kv_cache_config")),
     # -- NixlKVConnectorStats (the worker's xfer_stats: vllm:nixl_* metrics) ------------
     Method("stats", "record_transfer", "read path calls", _T, ("self", "res")),
-    Method("stats", "record_failed_transfer", "read path calls", _T, ("self",)),
     # -- private module functions -------------------------------------------------------
     Method("tp_mapping", "_is_attention_spec", "hybrid calls", _H, ("spec_type",)),
     Method("tp_mapping", "_is_ssm_spec", "hybrid calls", _H, ("spec_type",)),

@@ -1,4 +1,4 @@
-"""Plain-data glue between vLLM's NIXL worker and our planner (house rules 1 and 3).
+"""Plain-data glue between vLLM's NIXL worker and our planner.
 
 No torch, vLLM or NIXL import: :mod:`.sides` and :mod:`.hybrid_worker` read the
 engine objects (kv_caches, KVCacheConfig, NixlAgentMetadata, ReqMeta) into ints, strs

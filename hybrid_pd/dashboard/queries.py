@@ -3,7 +3,7 @@
 The page queries live beside this module, one per page family: ``transfer_queries``
 (Overview, Layers, Failures), ``connector_queries`` (Descriptors: builds, ours vs
 upstream) and ``timeline_queries`` (Request timeline).  All are SQLAlchemy Core, plain data
-in, ``pandas.DataFrame`` out, so the tests call them directly (house rule 3) and the
+in, ``pandas.DataFrame`` out, so the tests call them directly and the
 Streamlit layer (``common.py``) only adds caching (``st.cache_data``) on top.
 
 Read-only on purpose: the engines write to the same file while the dashboard runs, so a

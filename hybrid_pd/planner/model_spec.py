@@ -1,7 +1,7 @@
 """Model description for the planner: a Hugging Face ``config.json`` dict in, a frozen
 :class:`HybridModelSpec` out.
 
-Pure (house rule 1): no torch, vLLM or NIXL import, no I/O.  Only the fields that
+Pure: no torch, vLLM or NIXL import, no I/O.  Only the fields that
 decide the KV-cache layout are read: which layers carry attention KV and which carry
 a Mamba2 state, the attention KV heads and head size, the Mamba2 heads, head size,
 groups, state size and conv kernel, and the cache dtypes.

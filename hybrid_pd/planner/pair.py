@@ -6,7 +6,7 @@ lengths and the per-P-rank templates (:func:`templates.peer_templates`) - once, 
 handshake time.  :meth:`PairPlan.plan` then does only what depends on the request:
 block-id checks, the block-id mapping, bounds checks and merging.
 
-Per request (generators are the only code that branches on layer kind, house rule 2):
+Per request (generators are the only code that branches on layer kind):
 FA by *kernel* blocks, and only the ``ceil(N / kernel_block)`` that hold computed
 tokens; kernel block i is ``ids[i // ratio] * ratio + i % ratio`` with each side's
 *own* ratio (the remote ratio for remote ids).  Mamba by logical blocks (one whole

@@ -1,12 +1,12 @@
 """Descriptor planner: which bytes one decode (D) rank reads from which prefill (P)
-ranks for one request.  Pure (house rule 1): plain data in, frozen tuples out.
+ranks for one request.  Pure: plain data in, frozen tuples out.
 
 A descriptor is ``(offset, length, region)``: ``offset`` bytes into registered region
 ``region`` (shared HMA tensor ``region`` of that rank, see :mod:`layout`).
 :func:`views.to_addr_descs` turns them into NIXL's ``(addr, len, dev)`` rows.
 
 How a request is planned (generators are the only code that branches on layer kind or
-layout, house rule 2):
+layout):
 
 1. :func:`templates.peer_templates` - the TP mapping.  For every unit the D rank owns
    (KV head, Mamba head for x and SSM, group for B and C) :func:`layout.source_rank`

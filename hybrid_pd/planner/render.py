@@ -1,6 +1,6 @@
 """Accounting and rendering: reference byte / descriptor counts for one D rank (what
 a plan is measured against) and the text form of a plan for logs and assertion
-messages (house rule 4)."""
+messages."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def rank_costs(
 
 
 def render_plan(plan: RequestPlan, max_descs: int = 8) -> str:
-    """Text rendering for logs and assertion messages (house rule 4)."""
+    """Text rendering for logs and assertion messages."""
     lines = [
         f"RequestPlan D rank {plan.decode_rank}/{plan.decode_tp} <- P TP {plan.prefill_tp}: "
         f"{plan.num_tokens} tokens, {plan.num_kernel_blocks} kernel blocks per attention "

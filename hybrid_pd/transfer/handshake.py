@@ -15,7 +15,7 @@ version, model, dtypes, conv / FA layout, kernel block size); :func:`check_compa
 compares those fields one by one first so the error names both sides' values, and the
 hash only catches what the field list would miss (e.g. a tampered peer).
 
-Plain data only (house rule 3): :func:`check_compatible` works on the Structs, no NIXL.
+Plain data only: :func:`check_compatible` works on the Structs, no NIXL.
 """
 
 from __future__ import annotations
