@@ -1,6 +1,6 @@
 """Streamlit glue shared by the pages: cached engine and loads, database checks, sidebar.
 
-Caching: the engine is one shared object per database (``st.cache_resource``;
+Caching (STYLE §5): the engine is one shared object per database (``st.cache_resource``;
 SQLAlchemy engines are thread-safe), every load is ``st.cache_data`` with a short ``ttl``
 so one refresh reads the database once per query however many widgets use the result,
 and auto-refresh (``TTL_S``) sees new spans while the engines run.
@@ -49,24 +49,6 @@ def db_status(db: str) -> queries.DbStatus:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def time_bounds(db: str) -> tuple[int | None, int | None]:
     return queries.time_bounds(get_engine(db))
-
-
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def span_drops(db: str, start_ns: int | None) -> pd.DataFrame:
-    return queries.span_drops(get_engine(db), start_ns)
-
-
-def drops_banner(db: str, start_ns: int | None) -> None:
-    """Warn when writers dropped spans in the range: the pages' counts are then too low."""
-    drops = span_drops(db, start_ns)
-    if drops.empty:
-        return
-    parts = ", ".join(f"{int(r.spans):,} by {r.sink} ({r.reason})" for r in drops.itertuples())
-    st.warning(
-        f"Spans were dropped in this time range: {parts}. Figures on this page miss them. "
-        "See `hybrid_pd_telemetry_spans_dropped_total{sink,reason}` on the processes' "
-        "`/metrics` and table `telemetry_drops`."
-    )
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading transfers…")
@@ -183,9 +165,9 @@ def sidebar_window(db: str) -> tuple[int | None, int | None]:
                                  help="Counted back from the newest span in the database.")
     lo, hi = time_bounds(db)
     span = RANGES[label]
-    window = (None, None) if span is None or hi is None else (max(hi - span, lo or 0), hi)
-    drops_banner(db, window[0])  # here, so that every page with a range shows it
-    return window
+    if span is None or hi is None:
+        return None, None
+    return max(hi - span, lo or 0), hi
 
 
 def run_page(body: Callable[[], None]) -> None:
