@@ -1,6 +1,6 @@
 """Each dashboard page under streamlit's AppTest, on real bench spans and on bad databases.
 
-One AppTest per page (STYLE §5): the router in app.py is run, then switched to the page.
+One AppTest per page: the router in app.py is run, then switched to the page.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def test_set_attrs_sets_and_skips_none(mem) -> None:
 
 
 def test_set_attrs_not_recording_does_not_touch_span() -> None:
-    # STYLE §1: attributes only under is_recording() -- a sampled-out span costs nothing.
+    # attributes only under is_recording() -- a sampled-out span costs nothing.
     span = mock.Mock(spec=Span)
     span.is_recording.return_value = False
     A.set_attrs(span, {A.KV_LAYER: 1})

@@ -1,4 +1,4 @@
-"""Streamlit entry point: the router over the dashboard pages (STYLE §5).
+"""Streamlit entry point: the router over the dashboard pages.
 
     HYBRID_PD_TELEMETRY_DB=runs/spans.db streamlit run hybrid_pd/dashboard/app.py
     hybrid-pd dashboard --db runs/spans.db        # the same, headless on 127.0.0.1

@@ -1,6 +1,6 @@
 """Streamlit glue shared by the pages: cached engine and loads, database checks, sidebar.
 
-Caching (STYLE §5): the engine is one shared object per database (``st.cache_resource``;
+Caching: the engine is one shared object per database (``st.cache_resource``;
 SQLAlchemy engines are thread-safe), every load is ``st.cache_data`` with a short ``ttl``
 so one refresh reads the database once per query however many widgets use the result,
 and auto-refresh (``TTL_S``) sees new spans while the engines run.

@@ -185,7 +185,7 @@ def set_attrs(span: Span, attrs: Mapping[str, AttrValue | None]) -> None:
     """Set ``attrs`` on ``span``; ``None`` values are skipped.
 
     Does nothing unless the span is recording, so a sampled-out or no-op span costs one
-    call (STYLE §1: compute attributes only under ``is_recording()``).  Callers that
+    call (compute attributes only under ``is_recording()``).  Callers that
     must *compute* values should check ``span.is_recording()`` themselves first.
     """
     if not span.is_recording():

@@ -1,4 +1,4 @@
-"""The telemetry database schema: the ONE ``MetaData`` (STYLE §4), tables and named indexes.
+"""The telemetry database schema: the ONE ``MetaData``, tables and named indexes.
 
 The database is a public interface -- people query it with plain SQL -- so the column
 names of ``spans`` are a contract.  The issue's contract columns are::

@@ -22,7 +22,7 @@ each sink counts what it delivered and dropped, and after ``shutdown()`` (which 
 ``ended == exported + dropped`` per sink; the difference, if any, is spans the SDK's queue
 dropped when full and is reported as ``dropped_queue`` (counter reason ``queue_full``).
 
-Idempotent (STYLE §1): a second call returns the same :class:`Telemetry`, and warns if the
+Idempotent: a second call returns the same :class:`Telemetry`, and warns if the
 arguments differ.  After :func:`shutdown` a new configuration may be built.
 """
 

@@ -4,7 +4,7 @@ Several processes (prefill engine, decode engine, proxy, bench workers) write th
 SQLite file at once.  What makes that safe and cheap:
 
 * WAL journal, ``busy_timeout`` and ``synchronous=NORMAL`` set in a ``connect`` hook on
-  *our* engine only (STYLE §4) -- WAL lets readers (the dashboard) run beside writers,
+  *our* engine only -- WAL lets readers (the dashboard) run beside writers,
   the busy timeout makes a writer wait for the lock instead of failing at once;
 * one transaction per batch (``engine.begin()`` + executemany), so a batch is stored
   whole or not at all, and the write lock is taken once per batch, not per span;
