@@ -57,7 +57,7 @@ class ReadPathWorkerMixin:
             w: Any = self
             extra = getattr(w.vllm_config.kv_transfer_config, "kv_connector_extra_config", None)
             st = self.__dict__["_hy_read_path"] = {
-                "guard": stall_guard_from(extra), "reads": {}, "aborted": 0,
+                "guard": stall_guard_from(extra), "reads": {},
             }
         return st
 
@@ -158,7 +158,6 @@ class ReadPathWorkerMixin:
                     now: int) -> bool:
         w: Any = self
         reason = self.hy_guard.reason(rec, now)
-        self._hy_path()["aborted"] += 1
         w._log_failure(failure_type="transfer_stalled", req_id=req_id,
                        msg=f"{reason}; releasing the handle ({KEY_READ_TIMEOUT})")
         # upstream's failure bookkeeping (metric, failed engine, failed request); the

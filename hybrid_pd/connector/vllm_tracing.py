@@ -45,10 +45,10 @@ META_ATTR = TRACE_PARAMS_KEY
 
 def desc_stats(descs: Any) -> tuple[int, int]:
     """(count, bytes) of an Nx3 (addr, len, dev) descriptor array or list of rows."""
-    rows = list(descs) if not hasattr(descs, "shape") else descs
-    if hasattr(rows, "shape"):
-        arr = rows.reshape(-1, 3)
+    if hasattr(descs, "shape"):  # numpy rows (upstream's builders, our views)
+        arr = descs.reshape(-1, 3)
         return int(arr.shape[0]), int(arr[:, 1].sum())
+    rows = list(descs)  # lists of tuples (our local splits)
     return len(rows), sum(int(r[1]) for r in rows)
 
 
