@@ -25,6 +25,9 @@ KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
 DEFAULT_READ_GRANULARITY = "request"
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_LEASE_S = 120  # upstream's 30 s freed blocks before a loaded D read them
+# NIXL's UCX progress thread: longest wait (us) for a UCX event before it polls again.
+# NIXL's Python API uses 0 (a spinning thread per agent); see engine_patches.nixl_progress_delay.
+DEFAULT_NIXL_PROGRESS_DELAY_US = 1000
 # Cores below which NIXL gets one UCX thread (4 stalled handshakes 15-30 s on 2 cores).
 FEW_CORES = 8
 
@@ -36,6 +39,7 @@ ENV_TELEMETRY_DB = "HYBRID_PD_TELEMETRY_DB"  # span database URL/path for engine
 ENV_ROLE = "HYBRID_PD_ROLE"  # prefill | decode: the engine's resource attribute
 ENV_PATCHES = "HYBRID_PD_PATCHES"  # 0: no engine patches at all
 ENV_TRACE_UPSTREAM = "HYBRID_PD_TRACE_UPSTREAM"  # 0: upstream connector untraced
+ENV_NIXL_PROGRESS_DELAY_US = "HYBRID_PD_NIXL_PROGRESS_DELAY_US"  # 0: NIXL's own (spins)
 ENV_HOME = "HYBRID_PD_HOME"  # tiny models' cache root
 ENV_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # upstream's, set per engine
 ENV_CONV_LAYOUT = "VLLM_SSM_CONV_STATE_LAYOUT"  # upstream's; DS is what NIXL reads need

@@ -6,7 +6,9 @@ op and compare our per-chunk states with whole-prefix scans (the brute-force ora
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import types
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import pytest
 from hybrid_pd.connector import contract
 from hybrid_pd.engine_patches import registry
 from hybrid_pd.engine_patches.base import EnginePatch, PatchState
-from hybrid_pd.settings import VLLM_REQUIREMENT
+from hybrid_pd.settings import ENV_NIXL_PROGRESS_DELAY_US, VLLM_REQUIREMENT
 
 
 @pytest.fixture()
@@ -314,3 +316,62 @@ def test_upstream_tracing_span_count_1_0_1_with_the_read_path_kept(monkeypatch):
     finally:
         tracing.revert()
         read_path.revert()
+
+
+# -- nixl-progress-delay -----------------------------------------------------------------
+
+
+def _idle_cpu_s(make_agent, seconds: float = 2.0) -> float:
+    import numpy as np
+
+    agent = make_agent()
+    buf = np.zeros(1 << 16, dtype=np.uint8)
+    agent.register_memory(np.asarray([(buf.ctypes.data, buf.nbytes, 0)], dtype=np.uint64), "DRAM")
+    t0 = os.times()
+    time.sleep(seconds)
+    t1 = os.times()
+    return (t1.user - t0.user) + (t1.system - t0.system)
+
+
+def test_nixl_progress_delay_config_class_is_clamped_and_restored():
+    from nixl._api import nixl_agent, nixlBind
+
+    from hybrid_pd.transfer.agent import min_progress_delay
+
+    base = nixlBind.nixlAgentConfig
+    with min_progress_delay(nixl_agent, 1500):
+        cfg = nixlBind.nixlAgentConfig()
+        cfg.pthrDelay = 0  # what nixl_agent.__init__ assigns
+        assert cfg.pthrDelay == 1500
+        cfg.pthrDelay = 5000
+        assert cfg.pthrDelay == 5000
+    assert nixlBind.nixlAgentConfig is base
+
+
+def test_nixl_progress_delay_patch_stops_idle_agents_spinning(monkeypatch):
+    """An idle NIXL agent built through vLLM's ``NixlWrapper`` with the patch applied
+    sleeps (unpatched, NIXL's progress thread takes a full core: 3.0 CPU-s in 3 s here)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+    from vllm.distributed.nixl_utils import nixl_agent_config
+
+    patch = registry.by_name("nixl-progress-delay")
+    monkeypatch.delenv(ENV_NIXL_PROGRESS_DELAY_US, raising=False)
+    assert patch.apply()
+    try:
+        used = _idle_cpu_s(lambda: base_worker.NixlWrapper(
+            "idle-patched", nixl_agent_config(num_threads=1, capture_telemetry=True)))
+    finally:
+        patch.revert()
+    assert used < 0.5, f"an idle patched agent used {used:.2f} CPU-s in 2 s"
+    assert base_worker.NixlWrapper.__name__ == "nixl_agent"
+
+
+def test_nixl_progress_delay_rejects_a_bad_setting(monkeypatch):
+    from hybrid_pd.transfer.agent import progress_delay_us
+
+    monkeypatch.setenv(ENV_NIXL_PROGRESS_DELAY_US, "fast")
+    with pytest.raises(ValueError, match="HYBRID_PD_NIXL_PROGRESS_DELAY_US='fast'"):
+        progress_delay_us()
+    monkeypatch.setenv(ENV_NIXL_PROGRESS_DELAY_US, "-1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        progress_delay_us()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from hybrid_pd.engine_patches import cpu_mamba_prefix_checkpoint, nixl_upstream_tracing
+from hybrid_pd.engine_patches import (
+    cpu_mamba_prefix_checkpoint,
+    nixl_progress_delay,
+    nixl_upstream_tracing,
+)
 from hybrid_pd.engine_patches.base import EnginePatch
 
-PATCHES: list[EnginePatch] = [*cpu_mamba_prefix_checkpoint.PATCHES, *nixl_upstream_tracing.PATCHES]
+PATCHES: list[EnginePatch] = [
+    *cpu_mamba_prefix_checkpoint.PATCHES,
+    *nixl_progress_delay.PATCHES,
+    *nixl_upstream_tracing.PATCHES,
+]
 
 
 def by_name(name: str) -> EnginePatch:
