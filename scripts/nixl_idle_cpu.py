@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid_pd.transfer.agent import min_progress_delay
-from hybrid_pd.transfer.agent import addr_array
+from hybrid_pd.transfer.agent import addr_array, min_progress_delay
 
 N = 64 << 10
 DELAYS = (0, 1000)
