@@ -102,10 +102,10 @@ def test_inconsistent_layout_refused() -> None:
     with pytest.raises(hs.HandshakeError, match="page"):
         hs.check_compatible(meta(engine="d0"), bad_page)
     short = meta(region_len=100)
-    with pytest.raises(hs.HandshakeError, match="region 0 .* smaller than"):
+    with pytest.raises(hs.HandshakeError, match=r"region 0 length=100 refused: must be an int in"):
         hs.check_compatible(meta(engine="d0"), short)
     bad_rank = msgspec.structs.replace(m, layout=msgspec.structs.replace(m.layout, rank=3))
-    with pytest.raises(hs.HandshakeError, match="rank 3 out of range for TP=1"):
+    with pytest.raises(hs.HandshakeError, match=r"rank=3 refused: must be an int in \[0, 0\] \(TP=1\)"):
         hs.check_compatible(meta(engine="d0"), bad_rank)
 
 
@@ -148,3 +148,66 @@ def test_missing_or_unknown_model_field_is_malformed() -> None:
 def test_oversized_blob_refused() -> None:
     with pytest.raises(hs.HandshakeError, match="exceeds"):
         hs.decode(b"\x00" * (hs.MAX_HANDSHAKE_BYTES + 1))
+
+
+def _with(m: hs.HandshakeMetadata, regions=None, **layout) -> hs.HandshakeMetadata:
+    """``m`` with layout fields / regions replaced and its hash recomputed, so only the
+    caps (not the hash) can refuse it."""
+    lay = msgspec.structs.replace(m.layout, **layout)
+    regs = m.regions if regions is None else tuple(hs.RegionInfo(b, n) for b, n in regions)
+    return msgspec.structs.replace(m, layout=lay, regions=regs,
+                                   compat_hash=hs.compat_hash(m.version, m.model, lay))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_blocks": 1 << 40}, r"num_blocks=1099511627776 refused: .*\[1, 512\] \(64 x our 8"),
+        ({"num_blocks": 8 * 64 + 1}, r"num_blocks=513 refused"),
+        ({"num_blocks": 0}, r"num_blocks=0 refused"),
+        ({"num_blocks": -1}, r"num_blocks=-1 refused"),
+        ({"num_blocks": True}, r"num_blocks=True refused"),
+        ({"num_blocks": 8.0}, r"num_blocks=8.0 refused"),
+        ({"block_size": 0}, r"block_size=0 refused: must be an int in \[16, "),
+        ({"block_size": 16 << 20}, r"block_size=16777216 refused: .*at most 4096"),
+        ({"tp": 0}, r"tp=0 refused"),
+        ({"page_size_bytes": -5}, r"page_size_bytes=-5 refused"),
+    ],
+)
+def test_geometry_caps_refuse_before_building(change, message) -> None:
+    local, remote = meta(engine="d0"), meta(blocks=8)
+    with pytest.raises(hs.HandshakeError, match=message):
+        hs.check_compatible(local, _with(remote, **change))
+
+
+def test_block_count_cap_is_relative_to_the_local_engine() -> None:
+    # 64x our blocks passes; the bench executor then preps views of that size.
+    hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=128))
+    with pytest.raises(hs.HandshakeError, match=r"\[1, 128\] \(64 x our 2 blocks\)"):
+        hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=129))
+    # Without a local engine only the model's bounds apply (engine_layout alone).
+    assert hs.engine_layout(meta(blocks=129))[1].num_blocks == 129
+
+
+def test_region_rules() -> None:
+    local, m = meta(engine="d0"), meta()
+    (b0, n), (b1, _) = ((r.base, r.length) for r in m.regions)
+    cases = [
+        ([(b0, n)], "1 registered regions, its layout has 2"),
+        ([(b0, n)] * (len(TINY.cache_layers) + 1),
+         rf"regions={len(TINY.cache_layers) + 1} refused: .*\[1, {len(TINY.cache_layers)}\] "
+         r"\(at most one per cache layer"),
+        ([(b0, n)] * 3, "3 registered regions, its layout has 2"),
+        ([(b0, n), (b0 + n - 1, n)], "registered regions overlap"),
+        ([(-1, n), (b1, n)], r"region 0 base=-1 refused"),
+        ([(b0, n), (hs.ADDRESS_SPACE - n + 1, n)], r"region 1 length=\d+ refused"),
+        ([(b0, n), (b1, 1 << 64)], r"region 1 length=18446744073709551616 refused"),
+    ]
+    for regions, message in cases:
+        with pytest.raises(hs.HandshakeError, match=message):
+            hs.check_compatible(local, _with(m, regions=regions))
+
+
+def test_unknown_mem_type_refused() -> None:
+    with pytest.raises(hs.HandshakeError, match="mem_type='GPU' refused"):
+        hs.check_compatible(meta(engine="d0"), meta(mem_type="GPU"))

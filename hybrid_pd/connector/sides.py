@@ -15,6 +15,7 @@ from hybrid_pd.connector import vllm_mapping as vm
 from hybrid_pd.planner.layout import EngineLayout, build_engine_layout
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind, spec_from_hf_config
 from hybrid_pd.planner.plan import PeerTemplate, dual_view, to_addr_descs
+from hybrid_pd.transfer import handshake as hs
 
 
 @dataclass(frozen=True)
@@ -144,34 +145,65 @@ def derive_local(w: Any, kv_caches: dict[str, Any]) -> LocalSide:
     )
 
 
+def _listed(field: str, value: Any, most: int, who: str) -> tuple[Any, ...]:
+    """A list field of the peer's metadata, its length bounded before it is used."""
+    if not isinstance(value, (list, tuple)) or len(value) > most:
+        shown = f"{len(value)} entries" if isinstance(value, (list, tuple)) else repr(value)
+        raise ValueError(f"{who}: {field} ({shown}) refused: must be a list of at most {most}")
+    return tuple(value)
+
+
 def derive_remote(local: LocalSide, meta: Any, remote_tp: int, remote_rank: int) -> Side:
     """P rank ``remote_rank`` of engine ``meta.engine_id`` from its handshake metadata:
-    its layout rebuilt by the planner and checked against what it advertised."""
-    ratio = meta.physical_blocks_per_logical_kv_block
+    its layout rebuilt by the planner and checked against what it advertised.
+
+    Every size comes off the network, so it is bounded (by the model and our own
+    registration, the same rules as the bench handshake) before anything is built."""
+    who = f"remote {meta.engine_id} rank {remote_rank}"
+    caps = hs.peer_caps(local.spec, local.side.layout)
+    tp = hs.check_int("remote tp", remote_tp, 1, hs.MAX_TP, who)
+    hs.check_int("remote rank", remote_rank, 0, tp - 1, who, f" (TP={tp})")
+    kernel = hs.check_int("block_size", meta.block_size, 1, hs.MAX_KERNEL_BLOCK_SIZE, who)
+    ratio = hs.check_int("physical_blocks_per_logical_kv_block",
+                         meta.physical_blocks_per_logical_kv_block, 1, hs.MAX_BLOCK_RATIO, who)
+    # Upstream advertises kernel (physical) blocks: logical blocks x ratio.
+    phys = hs.check_int("num_blocks", meta.num_blocks, ratio, caps.max_blocks * ratio, who,
+                        f" ({hs.MAX_BLOCKS_FACTOR} x our {caps.local_blocks} blocks x ratio)")
+    if phys % ratio:
+        raise ValueError(f"{who}: num_blocks={phys} is not a multiple of the block ratio {ratio}")
+    names = _listed("region_names", meta.region_names, caps.max_regions, who)
+    hs.check_peer_geometry(caps, num_blocks=phys // ratio, kernel_block_size=kernel,
+                           block_size=kernel * ratio, num_regions=len(names), who=who)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{who}: region_names {names!r} refused: must be strings")
+    device_id = hs.check_int("device_id", meta.device_id, 0, hs.MAX_DEVICE_ID, who)
+    base_addrs = _listed("kv_caches_base_addr", meta.kv_caches_base_addr, caps.max_regions, who)
+    ssm_sizes = _listed("ssm_sizes", meta.ssm_sizes, 2, who)
+    # Per registered tensor; K and V may be registered apart.
+    strides = _listed("block_strides", meta.block_strides, 2 * caps.max_regions, who)
     layout = build_engine_layout(
-        local.spec, remote_tp, kernel_block_size=meta.block_size,
-        block_size=meta.block_size * ratio, num_blocks=meta.num_blocks // ratio,
-        conv_layout="DS", fa_layout="packed",
+        local.spec, tp, kernel_block_size=kernel, block_size=kernel * ratio,
+        num_blocks=phys // ratio, conv_layout="DS", fa_layout="packed",
     )
-    order = vm.remote_region_order(meta.region_names, local.name_region, layout.num_regions)
-    if tuple(meta.ssm_sizes) != (layout.conv_bytes, layout.ssm_bytes):
+    order = vm.remote_region_order(names, local.name_region, layout.num_regions)
+    if ssm_sizes != (layout.conv_bytes, layout.ssm_bytes):
         raise ValueError(
-            f"remote {meta.engine_id} rank {remote_rank}: advertised conv/ssm sizes "
-            f"{tuple(meta.ssm_sizes)}, the planner expects ({layout.conv_bytes}, "
-            f"{layout.ssm_bytes}) for {layout.describe()}"
+            f"{who}: advertised conv/ssm sizes {ssm_sizes}, the planner expects "
+            f"({layout.conv_bytes}, {layout.ssm_bytes}) for {layout.describe()}"
         )
-    strides = {s * ratio for s in meta.block_strides}
-    if strides != {layout.page_size_bytes}:
+    scaled = {hs.check_int("block_strides", s, 1, hs.ADDRESS_SPACE - 1, who) * ratio
+              for s in strides}
+    if scaled != {layout.page_size_bytes}:
         raise ValueError(
-            f"remote {meta.engine_id} rank {remote_rank}: advertised block strides "
-            f"x{ratio} = {sorted(strides)}, the planner's page is "
-            f"{layout.page_size_bytes} B ({layout.describe()})"
+            f"{who}: advertised block strides x{ratio} = {sorted(scaled)}, the planner's "
+            f"page is {layout.page_size_bytes} B ({layout.describe()})"
         )
+    lens = (layout.region_bytes,) * layout.num_regions
+    hs.check_peer_regions(base_addrs, lens, layout.num_regions, layout.region_bytes, who)
     bases = [0] * layout.num_regions
     for r, j in enumerate(order):
-        bases[j] = meta.kv_caches_base_addr[r]
-    return Side(layout, tuple(bases), (layout.region_bytes,) * layout.num_regions,
-                meta.device_id)
+        bases[j] = base_addrs[r]
+    return Side(layout, tuple(bases), lens, device_id)
 
 
 __all__ = ["LocalSide", "Side", "derive_local", "derive_remote"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -44,6 +46,84 @@ MAX_HANDSHAKE_BYTES = 16 << 20
 
 class HandshakeError(ValueError):
     """A peer's handshake metadata cannot be used with ours (the message says why)."""
+
+
+# -- caps on a peer's claimed geometry -------------------------------------------------
+# A peer's sizes come off the network, and what D builds per peer (dual views: regions x
+# runs x blocks descriptors) grows with them, so they are bounded by what the local side
+# knows (its model and its own registration) before anything is built from them.
+MAX_BLOCKS_FACTOR = 64  # a peer may have at most this many times our (logical) blocks
+MAX_KERNEL_BLOCK_SIZE = 1 << 16  # tokens per kernel block
+MAX_BLOCK_RATIO = 1 << 12  # kernel blocks per logical block
+MAX_TP = 1 << 12
+MAX_DEVICE_ID = 1 << 16
+ADDRESS_SPACE = 1 << 64  # a region must end inside a 64-bit address space
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCaps:
+    """Upper bounds on a peer's geometry, derived from the local side."""
+
+    max_blocks: int  # logical blocks
+    max_regions: int  # never more shared tensors than the model has cache layers
+    local_blocks: int  # for the message
+    # Kernel blocks are head-major: no plain READ maps one kernel block size onto another.
+    kernel_block_size: int | None = None
+
+
+def peer_caps(spec: HybridModelSpec, local: EngineLayout | LayoutInfo) -> PeerCaps:
+    return PeerCaps(max_blocks=MAX_BLOCKS_FACTOR * local.num_blocks,
+                    max_regions=len(spec.cache_layers), local_blocks=local.num_blocks,
+                    kernel_block_size=local.kernel_block_size)
+
+
+def check_int(field: str, value: object, lo: int, hi: int, who: str, why: str = "") -> int:
+    """``value`` as an int in ``[lo, hi]``; bools, floats, strings and None are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            not lo <= int(value) <= hi:
+        raise HandshakeError(
+            f"{who}: {field}={value!r} refused: must be an int in [{lo}, {hi}]{why}")
+    return int(value)
+
+
+def check_peer_geometry(caps: PeerCaps, *, num_blocks: object, kernel_block_size: object,
+                        block_size: object, num_regions: int, who: str) -> None:
+    """A peer's block count, block sizes and region count against ``caps``: O(1), and
+    run before anything proportional to those sizes is built."""
+    check_int("num_blocks", num_blocks, 1, caps.max_blocks, who,
+              f" ({MAX_BLOCKS_FACTOR} x our {caps.local_blocks} blocks)")
+    kernel = check_int("kernel_block_size", kernel_block_size, 1, MAX_KERNEL_BLOCK_SIZE, who)
+    if caps.kernel_block_size is not None and kernel != caps.kernel_block_size:
+        raise HandshakeError(f"{who}: kernel_block_size={kernel} refused: must equal ours "
+                             f"({caps.kernel_block_size}); kernel blocks are head-major")
+    block = check_int("block_size", block_size, kernel, kernel * MAX_BLOCK_RATIO, who,
+                      f" (kernel block {kernel} x at most {MAX_BLOCK_RATIO})")
+    if block % kernel:
+        raise HandshakeError(
+            f"{who}: block_size={block} is not a multiple of kernel_block_size={kernel}")
+    check_int("regions", num_regions, 1, caps.max_regions, who,
+              " (at most one per cache layer of the model)")
+
+
+def check_peer_regions(bases: Sequence[object], lens: Sequence[object], num_regions: int,
+                       min_len: int, who: str) -> None:
+    """Registered regions as the peer claims them: one base and one length per layout
+    region, each at least ``min_len`` bytes, inside the address space, disjoint.  Call
+    after :func:`check_peer_geometry` has bounded ``num_regions``."""
+    for field, values in (("base addresses", bases), ("region lengths", lens)):
+        if len(values) != num_regions:
+            raise HandshakeError(f"{who}: {len(values)} {field}, its layout has "
+                                 f"{num_regions} regions")
+    spans = []
+    for i, (base, length) in enumerate(zip(bases, lens, strict=True)):
+        b = check_int(f"region {i} base", base, 0, ADDRESS_SPACE - 1, who)
+        n = check_int(f"region {i} length", length, min_len, ADDRESS_SPACE - b, who,
+                      f" (num_blocks * page = {min_len} B, ending in a 64-bit space)")
+        spans.append((b, n))
+    spans.sort()
+    for (b0, n0), (b1, _) in zip(spans, spans[1:], strict=False):
+        if b0 + n0 > b1:
+            raise HandshakeError(f"{who}: registered regions overlap ({b0:#x}+{n0} > {b1:#x})")
 
 
 def _wire_struct(cls: type[Any]) -> type[msgspec.Struct]:
@@ -205,14 +285,31 @@ def decode(blob: bytes, *, who: str = "peer") -> HandshakeMetadata:
 # -- checking -----------------------------------------------------------------------
 
 
-def engine_layout(meta: HandshakeMetadata, *, who: str = "peer") -> tuple[HybridModelSpec, EngineLayout]:
-    """Rebuild the peer's spec and layout from its metadata, refusing inconsistent ones."""
+def engine_layout(meta: HandshakeMetadata, *, who: str = "peer",
+                  caps: PeerCaps | None = None) -> tuple[HybridModelSpec, EngineLayout]:
+    """Rebuild the peer's spec and layout from its metadata, refusing inconsistent ones.
+
+    ``caps`` (from :func:`peer_caps`) bounds the block count by the local engine's;
+    without it only the model's bounds apply (region count, types, address space)."""
     lay = meta.layout
     try:
         spec = spec_of(meta.model)
+    except (ValueError, TypeError) as exc:
+        raise HandshakeError(f"{who}: invalid model ({exc})") from exc
+    if caps is None:
+        caps = PeerCaps(max_blocks=ADDRESS_SPACE - 1, max_regions=len(spec.cache_layers),
+                        local_blocks=(ADDRESS_SPACE - 1) // MAX_BLOCKS_FACTOR)
+    tp = check_int("tp", lay.tp, 1, MAX_TP, who)
+    check_int("rank", lay.rank, 0, tp - 1, who, f" (TP={tp})")
+    check_peer_geometry(caps, num_blocks=lay.num_blocks, kernel_block_size=lay.kernel_block_size,
+                        block_size=lay.block_size, num_regions=len(meta.regions), who=who)
+    check_int("page_size_bytes", lay.page_size_bytes, 1, ADDRESS_SPACE - 1, who)
+    if meta.mem_type not in ("DRAM", "VRAM"):
+        raise HandshakeError(f"{who}: mem_type={meta.mem_type!r} refused: must be DRAM or VRAM")
+    try:
         layout = build_engine_layout(
             spec,
-            lay.tp,
+            tp,
             kernel_block_size=lay.kernel_block_size,
             block_size=lay.block_size,
             num_blocks=lay.num_blocks,
@@ -228,18 +325,12 @@ def engine_layout(meta: HandshakeMetadata, *, who: str = "peer") -> tuple[Hybrid
             f"model at TP={lay.tp} gives block {layout.block_size} / page "
             f"{layout.page_size_bytes} B"
         )
-    if not 0 <= lay.rank < lay.tp:
-        raise HandshakeError(f"{who}: rank {lay.rank} out of range for TP={lay.tp}")
     if len(meta.regions) != layout.num_regions:
         raise HandshakeError(
             f"{who}: {len(meta.regions)} registered regions, its layout has {layout.num_regions}"
         )
-    for i, r in enumerate(meta.regions):
-        if r.base < 0 or r.length < layout.region_bytes:
-            raise HandshakeError(
-                f"{who}: region {i} (base {r.base}, {r.length} B) is smaller than "
-                f"num_blocks * page = {layout.region_bytes} B"
-            )
+    check_peer_regions([r.base for r in meta.regions], [r.length for r in meta.regions],
+                       layout.num_regions, layout.region_bytes, who)
     return spec, layout
 
 
@@ -273,24 +364,41 @@ def check_compatible(local: HandshakeMetadata, remote: HandshakeMetadata) -> Non
             f"handshake refused: compatibility hash {me} {local.compat_hash!r} vs {them} "
             f"{remote.compat_hash!r} (recomputed {expect!r}); the peer's metadata is corrupted"
         )
-    engine_layout(remote, who=them)
+    engine_layout(remote, who=them, caps=local_caps(local))
+
+
+def local_caps(local: HandshakeMetadata) -> PeerCaps:
+    """Caps on a peer of the engine that sent ``local`` (our own metadata)."""
+    return peer_caps(spec_of(local.model), local.layout)
 
 
 __all__ = [
+    "ADDRESS_SPACE",
+    "MAX_BLOCKS_FACTOR",
+    "MAX_BLOCK_RATIO",
+    "MAX_DEVICE_ID",
     "MAX_HANDSHAKE_BYTES",
+    "MAX_KERNEL_BLOCK_SIZE",
+    "MAX_TP",
     "PROTOCOL_VERSION",
     "HandshakeError",
+    "PeerCaps",
     "HandshakeMetadata",
     "LayoutInfo",
     "ModelInfo",
     "RegionInfo",
     "build_metadata",
     "check_compatible",
+    "check_int",
+    "check_peer_geometry",
+    "check_peer_regions",
     "compat_hash",
     "decode",
     "encode",
     "engine_layout",
     "layout_info",
+    "local_caps",
     "model_info",
+    "peer_caps",
     "spec_of",
 ]
