@@ -246,3 +246,40 @@ def test_slow_child_times_out_and_is_stopped(tmp_path: Path, capsys: pytest.Capt
             sup.wait_healthy(0)
     assert child.proc is not None and child.proc.poll() is not None  # stopped on exit
     assert "[hybrid-pd]" in (err := capsys.readouterr().err) and "d: starting" in err
+
+
+# -- exposure: the proxy's address is its own; engines, logs and spans stay private --------
+
+
+def test_engines_and_side_channels_bind_the_engine_host_not_the_proxy_host(tmp_path: Path):
+    args = serve_args("/m", "--host", "0.0.0.0", "--no-telemetry")
+    cfg = launch_config_from_args(args, tmp_path)
+    assert (cfg.host, cfg.engine_host) == ("0.0.0.0", E.DEFAULT_HOST)
+    sup = build_supervisor(cfg, tmp_path, ports_from_args(args))
+    for child in sup.children[:2]:  # P and D
+        assert child.cmd[child.cmd.index("--host") + 1] == "127.0.0.1"
+        assert child.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+    proxy = sup.children[2]
+    assert proxy.cmd[proxy.cmd.index("--host") + 1] == "0.0.0.0"
+    assert proxy.cmd[proxy.cmd.index("--prefill-url") + 1].startswith("http://127.0.0.1:")
+    assert proxy.health_url.startswith("http://127.0.0.1:")  # 0.0.0.0 is reached via loopback
+    # an explicit engine host (a private network) is used for engines, side channels, URLs
+    cfg = launch_config_from_args(serve_args("/m", "--engine-host", "10.77.0.2", "--no-telemetry"),
+                                  tmp_path)
+    sup = build_supervisor(cfg, tmp_path, Ports())
+    assert sup.children[0].env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.77.0.2"
+    assert sup.children[0].health_url.startswith("http://10.77.0.2:")
+    assert sup.children[2].cmd[sup.children[2].cmd.index("--host") + 1] == E.DEFAULT_HOST
+
+
+def test_run_dir_logs_and_span_database_are_owner_only(tmp_path: Path):
+    run = tmp_path / "run"
+    cfg = launch_config_from_args(serve_args("/m"), run)
+    assert oct(run.stat().st_mode & 0o777) == "0o700"
+    assert oct(Path(cfg.telemetry_db).stat().st_mode & 0o777) == "0o600"
+    sup = Supervisor(tmp_path / "run2")
+    sup.add(python_child(tmp_path / "run2", "c", "print('hi')"))
+    with sup:
+        sup.start()
+    assert oct((tmp_path / "run2").stat().st_mode & 0o777) == "0o700"
+    assert oct((tmp_path / "run2" / "c.log").stat().st_mode & 0o777) == "0o600"

@@ -4,6 +4,7 @@ one dies.  The launch arguments here are shared with ``hybrid-pd demo``."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from hybrid_pd.serve.supervisor import (
     Supervisor,
     build_supervisor,
     default_run_dir,
+    private_dir,
 )
 from hybrid_pd.settings import (
     DEFAULT_READ_TIMEOUT_S,
@@ -46,7 +48,12 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector", choices=sorted(CONNECTORS), default=DEFAULT_CONNECTOR,
                    help="KV connector: upstream = vLLM's NixlConnector; hybrid = ours "
                         "(HybridNixlConnector: upstream plumbing, our descriptors and reads)")
-    p.add_argument("--host", default=DEFAULT_HOST, help="bind address of all servers (loopback by default)")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="bind address of the proxy (loopback by default)")
+    p.add_argument("--engine-host", default=DEFAULT_HOST,
+                   help="bind address of both engines and their NIXL side channels (loopback "
+                   "by default; never expose them beyond a private network: they take "
+                   "kv_transfer_params from anyone and serve P's KV memory)")
     p.add_argument("--port", type=int, default=PORT_PROXY, help="proxy port")
     p.add_argument("--prefill-port", type=int, default=PORT_PREFILL)
     p.add_argument("--decode-port", type=int, default=PORT_DECODE)
@@ -98,8 +105,10 @@ def telemetry_db_from_args(args: argparse.Namespace, run_dir: Path) -> str | Non
         return None
     if args.telemetry_db:
         return str(args.telemetry_db)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return str((run_dir / "telemetry.db").resolve())
+    path = private_dir(run_dir) / "telemetry.db"
+    # owner-only before SQLite opens it (its -wal/-shm files take the database's mode)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return str(path.resolve())
 
 
 def ports_from_args(args: argparse.Namespace) -> Ports:
@@ -112,7 +121,7 @@ def ports_from_args(args: argparse.Namespace) -> Ports:
 
 def launch_config_from_args(args: argparse.Namespace, run_dir: Path) -> LaunchConfig:
     return LaunchConfig(
-        model=args.model, host=args.host, connector=args.connector,
+        model=args.model, host=args.host, engine_host=args.engine_host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
         telemetry_db=telemetry_db_from_args(args, run_dir), kv_extra=kv_extra_from_args(args),

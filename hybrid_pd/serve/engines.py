@@ -40,6 +40,13 @@ CPU_BIND_MODES = ("split", "nobind", "auto")
 
 # -- serve defaults that settings.py does not hold (yet); used by several serve modules
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: the servers are unauthenticated
+# Bind addresses that mean "every interface": connect to them through loopback.
+_ANY = ("0.0.0.0", "::", "")
+
+
+def connect_host(bind: str) -> str:
+    """Where a local client reaches a server bound to ``bind``."""
+    return "127.0.0.1" if bind in _ANY else bind
 PORT_REFERENCE = 8300  # the plain engine of demo and the end-to-end output checks
 DEFAULT_PROXY_TIMEOUT_S = 300.0  # the proxy's limit per engine call
 
@@ -69,7 +76,10 @@ class EngineSpec:
 @dataclass(frozen=True)
 class LaunchConfig:
     model: str
-    host: str = DEFAULT_HOST
+    host: str = DEFAULT_HOST  # the proxy's bind address
+    # Both engines and their NIXL side channels: anyone who reaches them can post
+    # kv_transfer_params straight to D or read P's memory, so loopback unless asked.
+    engine_host: str = DEFAULT_HOST
     connector: str = DEFAULT_CONNECTOR
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
@@ -120,7 +130,7 @@ def kv_transfer_config(role: str, connector: str, extra: dict | None = None) -> 
 def engine_command(cfg: LaunchConfig, spec: EngineSpec, python: str = sys.executable) -> list[str]:
     cmd = [
         python, "-m", "hybrid_pd.vllm_cli", "serve", cfg.model,
-        "--host", cfg.host,
+        "--host", cfg.engine_host,
         "--port", str(spec.port),
         "--tensor-parallel-size", str(spec.tp),
     ]
@@ -172,7 +182,7 @@ def engine_env(
 ) -> dict[str, str]:
     env = dict(base)
     env.setdefault(ENV_CPU_KVCACHE_SPACE, f"{cfg.kv_cache_gib:g}")
-    env.setdefault(ENV_SIDE_CHANNEL_HOST, cfg.host)
+    env.setdefault(ENV_SIDE_CHANNEL_HOST, cfg.engine_host)
     if spec.side_channel_port is not None:
         env[ENV_SIDE_CHANNEL_PORT] = str(spec.side_channel_port)
     if cpu_bind is not None and ENV_CPU_THREADS_BIND not in base:

@@ -26,6 +26,7 @@ from hybrid_pd.serve.engines import (
     PORT_REFERENCE,
     EngineSpec,
     LaunchConfig,
+    connect_host,
     engine_command,
     engine_env,
     plan_cpu_binding,
@@ -99,10 +100,12 @@ class Supervisor:
         return child
 
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
         self.started_at = time.monotonic()
         for child in self.children:
-            log = open(child.log_path, "ab", buffering=0)  # noqa: SIM115 - owned by the child
+            # owner-only: engine logs carry request ids, paths and engine arguments
+            fd = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            log = os.fdopen(fd, "ab", buffering=0)
             log.write(f"$ {' '.join(child.cmd)}\n".encode())
             child.proc = subprocess.Popen(
                 child.cmd,
@@ -210,8 +213,8 @@ def proxy_command(cfg: LaunchConfig, ports: Ports, timeout_s: float,
                   python: str = sys.executable) -> list[str]:
     cmd = [
         python, "-m", "hybrid_pd.cli", "proxy",
-        "--prefill-url", f"http://{cfg.host}:{ports.prefill}",
-        "--decode-url", f"http://{cfg.host}:{ports.decode}",
+        "--prefill-url", f"http://{connect_host(cfg.engine_host)}:{ports.prefill}",
+        "--decode-url", f"http://{connect_host(cfg.engine_host)}:{ports.decode}",
         "--host", cfg.host, "--port", str(ports.proxy),
         "--timeout", str(timeout_s),
     ]
@@ -226,7 +229,7 @@ def _engine_child(cfg: LaunchConfig, spec: EngineSpec, run_dir: Path, bind: str 
         engine_command(cfg, spec),
         engine_env(cfg, spec, dict(os.environ), bind),
         run_dir / f"{spec.name}.log",
-        f"http://{cfg.host}:{spec.port}/health",
+        f"http://{connect_host(cfg.engine_host)}:{spec.port}/health",
     )
 
 
@@ -248,7 +251,7 @@ def build_supervisor(
     for spec in engines:
         sup.add(_engine_child(cfg, spec, run_dir, binding[spec.name]))
     sup.add(Child("proxy", proxy_command(cfg, ports, proxy_timeout_s), dict(os.environ),
-                  run_dir / "proxy.log", f"http://{cfg.host}:{ports.proxy}/health"))
+                  run_dir / "proxy.log", f"http://{connect_host(cfg.host)}:{ports.proxy}/health"))
     return sup
 
 
@@ -260,6 +263,16 @@ def build_reference_supervisor(cfg: LaunchConfig, run_dir: Path, port: int, tp: 
     bind = plan_cpu_binding([(spec.name, tp)], sorted(os.sched_getaffinity(0)), cfg.cpu_bind)
     sup.add(_engine_child(cfg, spec, run_dir, bind[spec.name]))
     return sup
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` owner-only (0700) when we create it; an existing directory the
+    user chose keeps its mode."""
+    existed = path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    if not existed:
+        os.chmod(path, 0o700)
+    return path
 
 
 def default_run_dir(kind: str) -> Path:
