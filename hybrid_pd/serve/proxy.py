@@ -2,14 +2,19 @@
 
 Flow of one request (``/v1/completions`` or ``/v1/chat/completions``, :meth:`PDProxy.handle`):
 
+0. the body must be a UTF-8 JSON object that P/D can serve as one KV hand-off
+   (:func:`check_request`), else 400 before P is asked;
 1. P gets the request with ``max_tokens=1``, ``stream=false`` and
    ``kv_transfer_params={"do_remote_decode": true}``: it prefills, keeps the KV cache and
    Mamba state, and answers with the ``kv_transfer_params`` D needs to pull them;
 2. D gets the user's original request plus P's ``kv_transfer_params`` unchanged: it reads
    the state over NIXL and generates; its answer (streamed or not) is the user's answer.
+   A client's own ``kv_transfer_params`` reach neither engine.
 
 Errors from either engine come back as HTTP errors that name the engine and the cause
-(:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.
+(:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.  P and D
+each have their own connection pool; a full one answers 503 with ``Retry-After``.
+``/metrics`` serves prometheus_client's default registry.
 
 Tracing: each request is a ``hybrid_pd.proxy.request`` span (continuing the caller's W3C
 ``traceparent`` when there is one) with a ``hybrid_pd.proxy.prefill`` and a
@@ -36,9 +41,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Tracer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hybrid_pd.serve.engines import DEFAULT_HOST, DEFAULT_PROXY_TIMEOUT_S
-from hybrid_pd.serve.proxy_calls import EngineClient, EngineError
+from hybrid_pd.serve.proxy_calls import POOL_MAX_CONNECTIONS, EngineClient, EngineError
 from hybrid_pd.settings import PORT_PROXY, TRACE_PARAMS_KEY
 from hybrid_pd.telemetry import attributes as A
 
@@ -47,8 +53,11 @@ from hybrid_pd.telemetry import attributes as A
 INSTRUMENTATION_NAME = "hybrid_pd.proxy"
 logger = logging.getLogger(INSTRUMENTATION_NAME)
 
-# Sampling/streaming fields that must not reach P: P only prefills one token.
-_PREFILL_DROP = ("stream", "stream_options", "max_completion_tokens", "n", "best_of")
+# Fields that must not reach P: P only prefills one token, which is thrown away.
+# min_tokens: P refuses min_tokens > max_tokens=1; logprobs/top_logprobs: only D's tokens
+# are the answer; kv_transfer_params: the client's never reach an engine (we set P's).
+_PREFILL_DROP = ("stream", "stream_options", "max_completion_tokens", "n", "best_of",
+                 "min_tokens", "logprobs", "top_logprobs", "kv_transfer_params")
 # Request headers every engine call carries on.
 _FORWARDED = ("authorization", "traceparent", "tracestate")
 
@@ -56,19 +65,82 @@ _FORWARDED = ("authorization", "traceparent", "tracestate")
 # -- pure request rewriting (unit-tested without servers) ------------------------------
 
 
+def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the request body, None) or (None, why it is not a JSON object)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"body is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"body is not JSON: {exc}"
+    except RecursionError:
+        return None, "body is not JSON: nested too deeply"
+    if not isinstance(body, dict):
+        return None, f"body must be a JSON object, not {type(body).__name__}"
+    return body, None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_batch(prompt: object) -> bool:
+    # A list of ints is one token-id prompt; a list of strings or of lists is a batch.
+    return isinstance(prompt, list) and any(isinstance(p, (str, list)) for p in prompt)
+
+
+# What P/D can serve, field by field (checked before P runs, so a refused request never
+# holds blocks on P that D would not read):
+# - n, best_of > 1: several sequences from one prompt; the P/D hand-off is one request's
+#   blocks for one D request, and vLLM's connector does not fan it out -> 400.
+# - prompt_logprobs (and echo with logprobs, which asks for them too): computed while
+#   prefilling, on P; D loads the prompt's KV and never sees those logits -> 400.
+# - a batch prompt of several prompts: one KV hand-off per request -> 400; a batch of
+#   one is that prompt (same answer shape), so it is unwrapped.
+# - stream_options without stream: vLLM refuses it, but only on D, after P has
+#   prefilled -> 400 here.
+# - min_tokens: D honours it; P must not get it (its max_tokens is 1); above max_tokens
+#   D would refuse after P ran -> 400 here.
+# - logprobs / top_logprobs: D samples the answer, so D computes them; P does not get them.
+# - a token-id prompt (list of ints): passes through to both engines unchanged.
+def check_request(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, why) when P/D cannot serve ``body``; None when it can."""
+    for field in ("n", "best_of"):
+        value = body.get(field)
+        if value is not None and not (_is_int(value) and value == 1):
+            return field, f"'{field}' must be 1 (got {value!r}): disaggregated P/D serves one sequence per request"
+    if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
+        return "prompt_logprobs", ("prompt logprobs ('prompt_logprobs', or 'echo' with 'logprobs') are not "
+                                   "available: the prompt is prefilled on another engine")
+    prompt = body.get("prompt")
+    if _is_batch(prompt) and len(prompt) > 1:
+        return "prompt", f"batch of {len(prompt)} prompts: send one prompt per request through the P/D proxy"
+    if body.get("stream_options") is not None and not body.get("stream"):
+        return "stream_options", "'stream_options' is only allowed with 'stream': true"
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    least = body.get("min_tokens")
+    if _is_int(least) and _is_int(limit) and least > limit:
+        return "min_tokens", f"'min_tokens' ({least}) is above the maximum tokens ({limit})"
+    return None
+
+
+def normalize_request(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as both engines get it: a batch of one prompt becomes that prompt."""
+    prompt = body.get("prompt")
+    if _is_batch(prompt) and len(prompt) == 1:
+        return {**body, "prompt": prompt[0]}
+    return body
+
+
 def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The body P gets: one token, no streaming, and the remote-decode marker."""
+    """The body P gets: one token, no streaming, and the remote-decode marker (vLLM's
+    connectors read only ``do_remote_decode`` from it)."""
     out = {k: v for k, v in copy.deepcopy(body).items() if k not in _PREFILL_DROP}
     out["max_tokens"] = 1
     out["stream"] = False
-    out["kv_transfer_params"] = {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "remote_engine_id": None,
-        "remote_block_ids": None,
-        "remote_host": None,
-        "remote_port": None,
-    }
+    out["kv_transfer_params"] = {"do_remote_decode": True}
     return out
 
 
@@ -118,8 +190,9 @@ def traced_headers(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def invalid_request(message: str) -> JSONResponse:
-    return JSONResponse(status_code=400, content={"error": {"message": message, "type": "invalid_request"}})
+def invalid_request(message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"error": {
+        "message": message, "type": "invalid_request_error", "param": param, "code": 400}})
 
 
 def describe_request(span: Span, body: dict[str, Any], path: str, request_id: str) -> None:
@@ -146,23 +219,28 @@ class ProxyConfig:
     decode_url: str
     timeout_s: float = DEFAULT_PROXY_TIMEOUT_S
     connect_timeout_s: float = 10.0
+    # calls in flight per engine (P and D each); more get 503 + Retry-After
+    max_connections: int = POOL_MAX_CONNECTIONS
 
 
 class PDProxy:
     """One request: P (prefill, one token) then D (the user's answer), each in a span."""
 
-    def __init__(self, config: ProxyConfig, engines: EngineClient, tracer: Tracer) -> None:
+    def __init__(self, config: ProxyConfig, prefill: EngineClient, decode: EngineClient,
+                 tracer: Tracer) -> None:
         self.config = config
-        self.engines = engines
+        self.prefill = prefill
+        self.decode = decode
         self.tracer = tracer
 
     async def handle(self, request: Request, path: str) -> Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return invalid_request("body is not JSON")
-        if not isinstance(body, dict):
-            return invalid_request("body must be a JSON object")
+        body, error = parse_body(await request.body())
+        if body is None:
+            return invalid_request(error or "body is not a JSON object")
+        problem = check_request(body)
+        if problem is not None:
+            return invalid_request(problem[1], param=problem[0])
+        body = normalize_request(body)
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         headers = forward_headers(request, request_id)
         with self._request_span(request) as root:
@@ -180,7 +258,7 @@ class PDProxy:
         with self._engine_span("prefill", request_id):
             p_headers = traced_headers(headers)
             p_body = with_trace(prefill_request(body), request_id, p_headers)
-            return await self.engines.post_json("prefill", self.config.prefill_url + path, p_body, p_headers)
+            return await self.prefill.post_json(self.config.prefill_url + path, p_body, p_headers)
 
     async def _decode(self, path: str, body: dict, p_answer: dict, request_id: str,
                       headers: dict) -> Response:
@@ -193,8 +271,8 @@ class PDProxy:
             if body.get("stream"):
                 # The span covers the call up to the response headers; the stream itself
                 # is relayed after the span ends.
-                return await self.engines.post_stream("decode", url, d_body, d_headers)
-            d_answer = await self.engines.post_json("decode", url, d_body, d_headers)
+                return await self.decode.post_stream(url, d_body, d_headers)
+            d_answer = await self.decode.post_json(url, d_body, d_headers)
         return JSONResponse(content=d_answer, headers={"X-Request-Id": request_id})
 
     def _request_span(self, request: Request) -> contextlib.AbstractContextManager[Span]:
@@ -218,18 +296,19 @@ class PDProxy:
                 mark_engine_error(span, exc)
                 raise
 
-    async def models(self) -> Response:
-        """D's model list (P serves the same model)."""
+    async def models(self, request: Request) -> Response:
+        """D's model list (P serves the same model), asked with the caller's credentials."""
+        request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         try:
-            resp = await self.engines.http.get(self.config.decode_url + "/v1/models")
-        except httpx.HTTPError as exc:
-            return EngineError("decode", 502, f"unreachable: {exc!r}").to_response()
+            resp = await self.decode.get(self.config.decode_url + "/v1/models",
+                                         forward_headers(request, request_id))
+        except EngineError as exc:
+            return exc.to_response()
         return Response(content=resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self) -> Response:
-        status = {engine: await self.engines.probe(url)
-                  for engine, url in (("prefill", self.config.prefill_url),
-                                      ("decode", self.config.decode_url))}
+        status = {"prefill": await self.prefill.probe(self.config.prefill_url),
+                  "decode": await self.decode.probe(self.config.decode_url)}
         ok = all(v == "ok" for v in status.values())
         return JSONResponse(status_code=200 if ok else 503, content=status)
 
@@ -255,7 +334,14 @@ async def chat_completions(request: Request) -> Response:
 
 @routes.get("/v1/models")
 async def models(request: Request) -> Response:
-    return await _proxy(request).models()
+    return await _proxy(request).models(request)
+
+
+@routes.get("/metrics")
+async def metrics() -> Response:
+    # prometheus_client's default registry: counters other modules register there (e.g.
+    # dropped spans) become scrapeable without knowing about this app.
+    return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @routes.get("/health")
@@ -270,16 +356,19 @@ def create_app(
 ) -> FastAPI:
     """The proxy app; ``transport`` replaces the network (unit tests use fake engines),
     ``tracer`` replaces OpenTelemetry's global tracer (unit tests use an in-memory one)."""
-    engines = EngineClient(config.timeout_s, config.connect_timeout_s, transport)
+    # One client (and pool) per engine, so a saturated P cannot take D's connections.
+    prefill, decode = (EngineClient(engine, config.timeout_s, config.connect_timeout_s, transport,
+                                    config.max_connections) for engine in ("prefill", "decode"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await engines.aclose()
+        await prefill.aclose()
+        await decode.aclose()
 
     app = FastAPI(title="hybrid-pd proxy", lifespan=lifespan)
     app.state.config = config
-    app.state.proxy = PDProxy(config, engines, tracer or trace.get_tracer(INSTRUMENTATION_NAME))
+    app.state.proxy = PDProxy(config, prefill, decode, tracer or trace.get_tracer(INSTRUMENTATION_NAME))
     app.include_router(routes)
     return app
 

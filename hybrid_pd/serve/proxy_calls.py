@@ -1,31 +1,48 @@
 """The proxy's calls to one engine: JSON POSTs, the streamed answer relayed to the caller,
 health probes, and every failure mapped to an :class:`EngineError` that names the engine
-and the cause.  Every call has a timeout, so nothing hangs."""
+and the cause.  Every call has a timeout, so nothing hangs.
+
+Each engine has its own HTTP client and at most ``max_connections`` calls in flight
+(:data:`POOL_MAX_CONNECTIONS` by default).  A call beyond that is answered 503 with a
+``Retry-After`` header at once: queueing it would only add latency while the caller's
+own timeout runs, and a busy P must not starve D of connections (or the reverse)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
 HEALTH_TIMEOUT_S = 5.0
+# Connections (= calls in flight) per engine.  A vLLM server handles far fewer requests
+# at once than this on CPU, so the limit only bounds sockets and memory under overload.
+POOL_MAX_CONNECTIONS = 256
+# How long a call may wait for a free connection before the 503: short, since our own
+# slot count already matches the pool; this only covers connections still closing.
+POOL_WAIT_S = 0.5
+# Seconds a client is told to wait when an engine's pool is full.
+RETRY_AFTER_S = 1
 
 
 class EngineError(Exception):
     """An engine answered with an error or could not be reached."""
 
-    def __init__(self, engine: str, status: int, message: str) -> None:
+    def __init__(self, engine: str, status: int, message: str,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(f"{engine} engine: {message}")
         self.engine = engine
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
     def to_response(self) -> JSONResponse:
+        headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
         return JSONResponse(
             status_code=self.status,
+            headers=headers,
             content={
                 "error": {
                     "message": f"{self.engine} engine: {self.message}",
@@ -50,75 +67,148 @@ def error_text(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {msg}"
 
 
-class EngineClient:
-    """One pooled HTTP client for both engines.  ``transport`` replaces the network
-    (unit tests use fake engines)."""
+def busy(engine: str, limit: int) -> EngineError:
+    return EngineError(engine, 503, f"busy: all {limit} connections in use, retry later",
+                       retry_after_s=RETRY_AFTER_S)
 
-    def __init__(self, timeout_s: float, connect_timeout_s: float,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+
+class EngineClient:
+    """The pooled HTTP client of one engine ("prefill" or "decode").  ``transport``
+    replaces the network (unit tests use fake engines)."""
+
+    def __init__(self, engine: str, timeout_s: float, connect_timeout_s: float,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 max_connections: int = POOL_MAX_CONNECTIONS) -> None:
+        self.engine = engine
         self.timeout_s = timeout_s
-        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.max_connections = max_connections
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=POOL_WAIT_S)
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        # Our own count of calls in flight: it refuses at once, where httpx's pool would
+        # queue, and it also holds for a replaced transport (which has no pool).
+        self._in_flight = 0
 
     @property
     def http(self) -> httpx.AsyncClient:
         # Built on first use, inside the server's event loop.
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
+            self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits,
+                                             transport=self._transport)
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
 
-    async def post_json(self, engine: str, url: str, body: dict, headers: dict) -> dict[str, Any]:
+    def _take_slot(self) -> None:
+        if self._in_flight >= self.max_connections:
+            raise busy(self.engine, self.max_connections)
+        self._in_flight += 1
+
+    def _give_slot(self) -> None:
+        self._in_flight -= 1
+
+    def _call_error(self, url: str, exc: httpx.HTTPError) -> EngineError:
+        if isinstance(exc, httpx.PoolTimeout):  # before TimeoutException, its base class
+            return busy(self.engine, self.max_connections)
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineError(self.engine, 504, f"no answer within {self.timeout_s:.0f} s ({exc!r})")
+        return EngineError(self.engine, 502, f"unreachable at {url}: {exc!r}")
+
+    async def post_json(self, url: str, body: dict, headers: dict) -> dict[str, Any]:
+        self._take_slot()
         try:
             resp = await self.http.post(url, json=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise EngineError(engine, 504, f"no answer within {self.timeout_s:.0f} s ({exc!r})") from exc
         except httpx.HTTPError as exc:
-            raise EngineError(engine, 502, f"unreachable at {url}: {exc!r}") from exc
+            raise self._call_error(url, exc) from exc
+        finally:
+            self._give_slot()
         if resp.status_code >= 400:
-            raise EngineError(engine, resp.status_code, error_text(resp))
+            raise EngineError(self.engine, resp.status_code, error_text(resp))
         try:
             return resp.json()
-        except json.JSONDecodeError as exc:
-            raise EngineError(engine, 502, f"answer is not JSON: {resp.text[:200]!r}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EngineError(self.engine, 502, f"answer is not JSON: {resp.text[:200]!r}") from exc
 
-    async def post_stream(self, engine: str, url: str, body: dict, headers: dict) -> StreamingResponse:
+    async def post_stream(self, url: str, body: dict, headers: dict) -> StreamingResponse:
         """POST with a streamed answer; returns once the engine's headers are in, relaying
-        the body (server-sent events) as it comes."""
-        req = self.http.build_request("POST", url, json=body, headers=headers)
+        the body (server-sent events) as it comes.  The slot is held until the relay ends."""
+        self._take_slot()
+        relaying = False
         try:
-            resp = await self.http.send(req, stream=True)
-        except httpx.TimeoutException as exc:
-            raise EngineError(engine, 504, f"no answer within {self.timeout_s:.0f} s") from exc
+            req = self.http.build_request("POST", url, json=body, headers=headers)
+            try:
+                resp = await self.http.send(req, stream=True)
+            except httpx.HTTPError as exc:
+                raise self._call_error(url, exc) from exc
+            if resp.status_code >= 400:
+                await resp.aread()
+                await resp.aclose()
+                raise EngineError(self.engine, resp.status_code, error_text(resp))
+            relaying = True
+            close = _Closer(resp, self._give_slot)
+            return _Relayed(self._relay(resp, close), close,
+                            media_type="text/event-stream",
+                            headers={"X-Request-Id": headers["X-Request-Id"]})
+        finally:
+            if not relaying:
+                self._give_slot()
+
+    async def get(self, url: str, headers: dict) -> httpx.Response:
+        """A plain GET (the model list); any failure is a 502."""
+        try:
+            return await self.http.get(url, headers=headers)
         except httpx.HTTPError as exc:
-            raise EngineError(engine, 502, f"unreachable at {url}: {exc!r}") from exc
-        if resp.status_code >= 400:
-            await resp.aread()
-            await resp.aclose()
-            raise EngineError(engine, resp.status_code, error_text(resp))
-        return StreamingResponse(_relay(engine, resp), media_type="text/event-stream",
-                                 headers={"X-Request-Id": headers["X-Request-Id"]})
+            raise EngineError(self.engine, 502, f"unreachable: {exc!r}") from exc
 
     async def probe(self, url: str) -> str:
-        """One engine's health: "ok", "HTTP <status>" or "unreachable: <error class>"."""
+        """The engine's health: "ok", "HTTP <status>" or "unreachable: <error class>"."""
         try:
             resp = await self.http.get(url + "/health", timeout=HEALTH_TIMEOUT_S)
         except httpx.HTTPError as exc:
             return f"unreachable: {exc.__class__.__name__}"
         return "ok" if resp.status_code == 200 else f"HTTP {resp.status_code}"
 
+    async def _relay(self, resp: httpx.Response, close: _Closer) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            # Headers are already sent: the error goes into the SSE stream itself.
+            err = {"error": {"message": f"{self.engine} engine: stream broke: {exc!r}",
+                             "type": f"{self.engine}_error"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            await close()
 
-async def _relay(engine: str, resp: httpx.Response) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in resp.aiter_bytes():
-            yield chunk
-    except httpx.HTTPError as exc:
-        # Headers are already sent: the error goes into the SSE stream itself.
-        err = {"error": {"message": f"{engine} engine: stream broke: {exc!r}", "type": f"{engine}_error"}}
-        yield f"data: {json.dumps(err)}\n\n".encode()
-    finally:
-        await resp.aclose()
+
+class _Closer:
+    """Closes a streamed engine answer and frees its slot, once, whoever gets there first."""
+
+    def __init__(self, resp: httpx.Response, give_slot: Callable[[], None]) -> None:
+        self._resp, self._give_slot, self._done = resp, give_slot, False
+
+    async def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._give_slot()
+        await self._resp.aclose()
+
+
+class _Relayed(StreamingResponse):
+    """A relayed stream that closes the engine's answer even when the caller leaves
+    before the first chunk (the relay generator then never runs its ``finally``)."""
+
+    def __init__(self, content: AsyncIterator[bytes], close: _Closer, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
