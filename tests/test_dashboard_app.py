@@ -306,3 +306,35 @@ def test_newer_schema(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_no_db_selected(monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_page(monkeypatch, None, "overview")
     assert any(ENV_TELEMETRY_DB in w.value for w in at.warning)
+
+
+# ------------------------------------------------------------------ dropped-spans banner
+
+
+def test_drops_banner_on_every_page(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                    bench_spans_db: Path) -> None:
+    import shutil
+    import sqlite3
+
+    from hybrid_pd.telemetry.sqlite_exporter import SQLiteSpanExporter
+
+    db = tmp_path / "drops.db"
+    shutil.copy(bench_spans_db, db)
+    exporter = SQLiteSpanExporter(db)  # a writer: creates telemetry_drops on the copy
+    exporter.note_drop("sqlite", "queue_full", 12)
+    exporter.note_drop("otlp-grpc", "export_failed", 3)
+    assert exporter.write_drops()
+    exporter.shutdown()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT SUM(spans) FROM telemetry_drops").fetchone() == (15,)
+    for page in PAGES:
+        at = open_page(monkeypatch, db, page)
+        banners = [w.value for w in at.warning if "dropped" in w.value]
+        assert len(banners) == 1, (page, [w.value for w in at.warning])
+        assert "12 by sqlite (queue_full)" in banners[0] and "3 by otlp-grpc" in banners[0]
+
+
+def test_no_drops_no_banner(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
+    for page in PAGES:
+        at = open_page(monkeypatch, bench_spans_db, page)
+        assert not [w.value for w in at.warning if "dropped" in w.value], page

@@ -743,3 +743,20 @@ def test_writer_adds_missing_indexes(connector_db: Path, tmp_path: Path) -> None
     old = without_dashboard_indexes(connector_db, tmp_path / "old.db")
     SQLiteSpanExporter(old).shutdown()
     assert queries.check_db(str(old)).missing_indexes == ()
+
+
+def test_span_drops_range_and_missing_table(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    exporter = SQLiteSpanExporter(db)
+    exporter.note_drop("sqlite", "locked", 4)
+    assert exporter.write_drops()
+    exporter.note_drop("sqlite", "locked", 6)
+    exporter.shutdown()  # writes the second row
+    engine = queries.open_engine(str(db))
+    df = queries.span_drops(engine)
+    assert df[["sink", "reason", "spans"]].values.tolist() == [["sqlite", "locked", 10]]
+    assert queries.span_drops(engine, int(df["last_ns"].iloc[0]) + 1).empty  # ended before the range
+    engine.dispose()
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).close()
+    assert queries.span_drops(queries.open_engine(str(old))).empty  # made before the table existed

@@ -51,6 +51,24 @@ def time_bounds(db: str) -> tuple[int | None, int | None]:
     return queries.time_bounds(get_engine(db))
 
 
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def span_drops(db: str, start_ns: int | None) -> pd.DataFrame:
+    return queries.span_drops(get_engine(db), start_ns)
+
+
+def drops_banner(db: str, start_ns: int | None) -> None:
+    """Warn when writers dropped spans in the range: the pages' counts are then too low."""
+    drops = span_drops(db, start_ns)
+    if drops.empty:
+        return
+    parts = ", ".join(f"{int(r.spans):,} by {r.sink} ({r.reason})" for r in drops.itertuples())
+    st.warning(
+        f"Spans were dropped in this time range: {parts}. Figures on this page miss them. "
+        "See `hybrid_pd_telemetry_spans_dropped_total{sink,reason}` on the processes' "
+        "`/metrics` and table `telemetry_drops`."
+    )
+
+
 @st.cache_data(ttl=TTL_S, show_spinner="Loading transfers…")
 def transfers(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
     return transfer_queries.transfers(get_engine(db), start_ns, end_ns)
@@ -165,9 +183,9 @@ def sidebar_window(db: str) -> tuple[int | None, int | None]:
                                  help="Counted back from the newest span in the database.")
     lo, hi = time_bounds(db)
     span = RANGES[label]
-    if span is None or hi is None:
-        return None, None
-    return max(hi - span, lo or 0), hi
+    window = (None, None) if span is None or hi is None else (max(hi - span, lo or 0), hi)
+    drops_banner(db, window[0])  # here, so that every page with a range shows it
+    return window
 
 
 def run_page(body: Callable[[], None]) -> None:

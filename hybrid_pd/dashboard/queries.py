@@ -335,3 +335,27 @@ def spans_by_name(
         .limit(limit)
     )
     return add_derived(fetch_frame(engine, stmt))
+
+
+def span_drops(engine: Engine, start_ns: int | None = None) -> pd.DataFrame:
+    """Spans the writers dropped, per sink and reason, from ``telemetry_drops``.
+
+    Only drops that ended at or after ``start_ns`` (None: all).  No end bound on purpose:
+    the ranges end at the newest span, and drops recorded after it (at shutdown, or while
+    the database refused spans) belong to that latest range.  Empty for a database made
+    before the table existed.
+    """
+    from hybrid_pd.telemetry.sqlite_exporter import drops_table
+
+    cols = ["sink", "reason", "spans", "first_ns", "last_ns"]
+    if not inspect(engine).has_table(drops_table.name):
+        return pd.DataFrame(columns=cols)
+    d = drops_table.c
+    stmt = select(d.sink, d.reason, func.sum(d.spans).label("spans"),
+                  func.min(d.first_ns).label("first_ns"), func.max(d.last_ns).label("last_ns"))
+    if start_ns is not None:
+        stmt = stmt.where(d.last_ns >= start_ns)
+    stmt = stmt.group_by(d.sink, d.reason).order_by(d.sink, d.reason)
+    with engine.connect() as conn:
+        result = conn.execute(stmt)
+        return pd.DataFrame(result.fetchall(), columns=cols)

@@ -14,10 +14,19 @@ channel a KV connector sees): the proxy adds ``{"hybrid_pd_trace": {"traceparent
 "request_id": ...}}`` (``proxy.with_trace``), the connector's scheduler copies it into the
 connector metadata, and the worker parents its spans on it (:func:`context_of`).  W3C
 ``traceparent`` text, never pickle.
+
+Spans still queued when an engine process exits would be lost, so the first
+:func:`engine_tracer` call registers :func:`shutdown_engine_tracing` with ``atexit``:
+it flushes every sink within :data:`SHUTDOWN_TIMEOUT_S` and closes them.  vLLM's engine
+core and workers turn SIGTERM/SIGINT into ``SystemExit``, so ``atexit`` runs on their
+normal shutdown; a SIGKILL or ``os._exit`` skips it (the spans still queued then are lost
+and, the process being gone, uncounted).  A connector may also call
+:func:`shutdown_engine_tracing` from its own ``shutdown()``; calling it twice is harmless.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -40,6 +49,21 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _tracer: trace.Tracer | None = None
 _W3C = TraceContextTextMapPropagator()
+# Bound on the exit flush: the batch delay plus a few SQLite lock waits, and short enough
+# that vLLM's own shutdown timeouts (which then kill the process) are not reached.
+SHUTDOWN_TIMEOUT_S = 10.0
+_atexit_registered = False
+
+
+def shutdown_engine_tracing(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> dict[str, Any] | None:
+    """Flush and close this engine's sinks (bounded); later spans are counted as dropped."""
+    from hybrid_pd.telemetry import setup
+
+    try:
+        return setup.shutdown(timeout_s)
+    except Exception as exc:  # at exit: report, never raise
+        logger.error("hybrid-pd telemetry: flushing at shutdown failed: %s", exc)
+        return None
 
 
 def _wants_tracing(env: Mapping[str, str]) -> bool:
@@ -73,6 +97,10 @@ def engine_tracer(engine_id: str | None = None) -> trace.Tracer:
                 engine_id=engine_id, set_global=False,
             )
             _tracer = tel.tracer()
+            global _atexit_registered
+            if not _atexit_registered:
+                atexit.register(shutdown_engine_tracing)
+                _atexit_registered = True
         except Exception as exc:  # telemetry must never stop an engine
             logger.error("hybrid-pd telemetry disabled in this engine: %s", exc)
             _tracer = trace.NoOpTracer()

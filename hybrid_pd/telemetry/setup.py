@@ -18,9 +18,12 @@ process with nobody listening would log export failures forever.  The default pr
 ``grpc``, as for vLLM's ``--otlp-traces-endpoint``, so one endpoint serves both.
 
 Nothing is lost silently: a counting ``SpanProcessor`` counts spans started and ended,
-each sink counts what it delivered and dropped, and after ``shutdown()`` (which flushes)
-``ended == exported + dropped`` per sink; the difference, if any, is spans the SDK's queue
-dropped when full and is reported as ``dropped_queue`` (counter reason ``queue_full``).
+each sink's :class:`~.counters.CountingBatchSpanProcessor` counts the spans its full
+queue refuses the moment it refuses them (``dropped_queue``, counter reason
+``queue_full``), each sink counts what it delivered and dropped, and after ``shutdown()``
+(which flushes) ``ended == exported + dropped + dropped_queue`` per sink.  When a SQLite
+sink is configured, every sink's drops are also written to its ``telemetry_drops`` table
+so the dashboard can show them.
 
 Idempotent: a second call returns the same :class:`Telemetry`, and warns if the
 arguments differ.  After :func:`shutdown` a new configuration may be built.
@@ -32,6 +35,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +45,6 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
     SpanExportResult,
@@ -49,6 +52,7 @@ from opentelemetry.sdk.trace.export import (
 
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import counters
+from hybrid_pd.telemetry.counters import CountingBatchSpanProcessor, DropHook
 from hybrid_pd.telemetry.sqlite_exporter import SQLiteSpanExporter
 
 logger = logging.getLogger(__name__)
@@ -87,9 +91,10 @@ class SpanCounter(SpanProcessor):
 class CountingExporter(SpanExporter):
     """Wraps a sink that does not count for itself (OTLP, console): delivered vs dropped."""
 
-    def __init__(self, sink: str, inner: SpanExporter) -> None:
+    def __init__(self, sink: str, inner: SpanExporter, on_drop: DropHook | None = None) -> None:
         self.sink = sink
         self.inner = inner
+        self.on_drop = on_drop
         self.exported = 0
         self.dropped = 0
         self.last_error: str | None = None
@@ -107,6 +112,8 @@ class CountingExporter(SpanExporter):
         else:
             self.dropped += n
             counters.record_dropped(self.sink, "export_failed", n)
+            if self.on_drop is not None:
+                self.on_drop(self.sink, "export_failed", n)
             logger.warning("telemetry: %s dropped %d spans (%d so far)", self.sink, n, self.dropped)
         return result
 
@@ -140,6 +147,7 @@ class Telemetry:
     counter: SpanCounter
     sinks: dict[str, SQLiteSpanExporter | CountingExporter] = field(default_factory=dict)
     is_global: bool = False
+    processors: dict[str, CountingBatchSpanProcessor] = field(default_factory=dict)
     _shut: bool = False
 
     @property
@@ -156,32 +164,43 @@ class Telemetry:
     def stats(self) -> dict[str, Any]:
         """``created``/``ended`` spans and, per sink, ``exported``/``dropped`` plus the rest.
 
-        The rest of ``ended - exported - dropped`` is ``pending`` (still queued) before
-        shutdown, and ``dropped_queue`` after it: spans the SDK's queue dropped when it was
-        full (the sink was slower than span creation) or that ended after shutdown.  So
+        ``dropped_queue``: spans the sink's queue refused, counted as they were refused
+        (queue full: the sink was slower than span creation; or ended after shutdown).
+        The rest of ``ended - exported - dropped - dropped_queue`` is ``pending`` (still
+        queued) before shutdown; after it, a remainder (an export still running when the
+        shutdown bound ran out) is added to ``dropped_queue``.  So
         ``ended == exported + dropped + dropped_queue + pending`` for every sink, always.
         """
         out: dict[str, Any] = {"created": self.counter.started, "ended": self.counter.ended, "sinks": {}}
         for name, sink in self.sinks.items():
             s = sink.stats()
-            rest = self.counter.ended - s["exported"] - s["dropped"]
-            s["pending"], s["dropped_queue"] = (0, rest) if self._shut else (rest, 0)
+            proc = self.processors.get(name)
+            queued_out = proc.dropped if proc is not None else 0
+            rest = self.counter.ended - s["exported"] - s["dropped"] - queued_out
+            s["pending"], s["dropped_queue"] = (0, queued_out + rest) if self._shut else (rest, queued_out)
             out["sinks"][name] = s
         return out
 
-    def shutdown(self) -> dict[str, Any]:
-        """Flush every sink, close them, and return the final :meth:`stats`."""
+    def shutdown(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Flush every sink within ``timeout_s`` overall, close them, return final :meth:`stats`."""
         global _current
         with _lock:
             if not self._shut:
+                deadline = time.monotonic() + timeout_s
+                for proc in self.processors.values():
+                    proc.shutdown_deadline = deadline
+                self.provider.shutdown()  # each processor exports what is queued, bounded
                 self._shut = True
-                self.provider.shutdown()  # BatchSpanProcessor.shutdown exports what is queued
                 for name, s in self.stats()["sinks"].items():
-                    if s["dropped_queue"] > 0:  # never lose silently: count and say so
-                        counters.record_dropped(name, "queue_full", s["dropped_queue"])
+                    proc = self.processors.get(name)
+                    late = s["dropped_queue"] - (proc.dropped if proc is not None else 0)
+                    if late > 0:  # an export outlived the bound: count it, never lose silently
+                        counters.record_dropped(name, "shutdown", late)
+                    if s["dropped_queue"] > 0:
                         logger.warning(
-                            "telemetry: %s lost %d spans to a full queue (sink slower than "
-                            "span creation; raise OTEL_BSP_MAX_QUEUE_SIZE)", name, s["dropped_queue"],
+                            "telemetry: %s lost %d spans to a full queue or a late shutdown "
+                            "(sink slower than span creation; raise OTEL_BSP_MAX_QUEUE_SIZE)",
+                            name, s["dropped_queue"],
                         )
             if _current is self:
                 _current = None
@@ -248,12 +267,12 @@ def _build_exporter(name: str) -> SpanExporter:
     raise ValueError(f"unknown exporter {name!r}")
 
 
-def _bsp(exporter: SpanExporter) -> BatchSpanProcessor:
+def _bsp(sink: str, exporter: SpanExporter, on_drop: DropHook | None) -> CountingBatchSpanProcessor:
     kwargs: dict[str, Any] = {}
     for env_name, (arg, default) in _BSP_DEFAULTS.items():
         if env_name not in os.environ:  # the SDK reads the variable itself when arg is None
             kwargs[arg] = default
-    return BatchSpanProcessor(exporter, **kwargs)
+    return CountingBatchSpanProcessor(sink, exporter, on_drop=on_drop, **kwargs)
 
 
 def _add_sinks(
@@ -261,20 +280,29 @@ def _add_sinks(
     names: tuple[str, ...],
     db_url: str | os.PathLike[str] | None,
     sqlite_options: Mapping[str, Any] | None,
-) -> dict[str, SQLiteSpanExporter | CountingExporter]:
-    """Build each named sink and hang it on ``provider`` behind its own batch processor."""
+) -> tuple[dict[str, SQLiteSpanExporter | CountingExporter], dict[str, CountingBatchSpanProcessor]]:
+    """Build each named sink and hang it on ``provider`` behind its own batch processor.
+
+    The SQLite sink, if any, also records every sink's drops (``note_drop``), and its
+    processor is added last: the provider shuts processors down in order, so the other
+    sinks' final drops are known when the SQLite exporter writes its last drop rows.
+    """
     sinks: dict[str, SQLiteSpanExporter | CountingExporter] = {}
+    on_drop: DropHook | None = None
+    if "sqlite" in names:
+        assert db_url is not None
+        sq = SQLiteSpanExporter(db_url, **(sqlite_options or {}))
+        sq.set_origin(provider.resource)
+        sinks["sqlite"], on_drop = sq, sq.note_drop
     for name in names:
-        if name == "sqlite":
-            assert db_url is not None
-            exporter: SQLiteSpanExporter | CountingExporter = SQLiteSpanExporter(
-                db_url, **(sqlite_options or {})
-            )
-        else:
-            exporter = CountingExporter(name, _build_exporter(name))
-        sinks[name] = exporter
-        provider.add_span_processor(_bsp(exporter))
-    return sinks
+        if name != "sqlite":
+            sinks[name] = CountingExporter(name, _build_exporter(name), on_drop)
+    procs: dict[str, CountingBatchSpanProcessor] = {}
+    for name in sorted(sinks, key=lambda n: n == "sqlite"):
+        # The SQLite exporter counts its own drops itself (note_drop from _drop).
+        procs[name] = _bsp(name, sinks[name], on_drop)
+        provider.add_span_processor(procs[name])
+    return {n: sinks[n] for n in names}, procs
 
 
 def _install_global(provider: TracerProvider) -> bool:
@@ -345,11 +373,11 @@ def configure_tracing(
         # The counter goes first so that a span counts as created even if a later
         # processor misbehaves.
         provider.add_span_processor(counter)
-        sinks = _add_sinks(provider, names, db_url, sqlite_options)
+        sinks, procs = _add_sinks(provider, names, db_url, sqlite_options)
         for p in extra_processors:
             provider.add_span_processor(p)
         is_global = _install_global(provider) if set_global else False
-        _current = Telemetry(cfg, provider, counter, sinks, is_global)
+        _current = Telemetry(cfg, provider, counter, sinks, is_global, procs)
         logger.info(
             "tracing: service=%s role=%s engine=%s sinks=%s", service_name, role, engine_id,
             ",".join(names) or "none",
@@ -362,7 +390,7 @@ def current() -> Telemetry | None:
     return _current
 
 
-def shutdown() -> dict[str, Any] | None:
+def shutdown(timeout_s: float = 30.0) -> dict[str, Any] | None:
     """Flush and close the current configuration; returns its final stats (None if none)."""
     t = _current
-    return t.shutdown() if t is not None else None
+    return t.shutdown(timeout_s) if t is not None else None

@@ -23,6 +23,14 @@ by changing the URL (``postgresql+psycopg://user@host/db``, driver installed sep
 the SQLite PRAGMAs are then skipped and the schema is the same.  Only SQLite is tested.
 A database whose schema version is newer than ours is refused with
 :class:`SchemaVersionError`.
+
+Drops are stored too, so a reader of the file (the dashboard) can tell that spans are
+missing: table ``telemetry_drops``, one row per (sink, reason) per write, holding how many
+spans were dropped between ``first_ns`` and ``last_ns``.  Rows are written in the same
+transaction as the next batch of spans (a batch that could not be written keeps its
+drops for the next one) and once more at shutdown; drops of a database that never
+becomes writable reach only the counters.  The table is additive (like an index), so it
+does not bump the schema version: older readers ignore it.
 """
 
 from __future__ import annotations
@@ -39,9 +47,22 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -56,6 +77,24 @@ from hybrid_pd.telemetry.schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Lives here rather than in schema.py only because this module is its one writer; it is
+# part of the same MetaData, so ensure_schema creates it with the other tables.
+drops_table = Table(
+    "telemetry_drops",
+    metadata_obj,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("recorded_ns", BigInteger, nullable=False),  # when this row was written
+    Column("first_ns", BigInteger, nullable=False),  # first and last drop it counts
+    Column("last_ns", BigInteger, nullable=False, index=True),
+    Column("service", String(128)),
+    Column("role", String(32)),
+    Column("engine_id", String(256)),
+    Column("pid", Integer),
+    Column("sink", String(64), nullable=False),  # sqlite, otlp-grpc, otlp-http, console
+    Column("reason", String(64), nullable=False),  # queue_full, locked, export_failed, ...
+    Column("spans", Integer, nullable=False),
+)
 
 SINK = "sqlite"
 _LOG_EVERY_S = 10.0  # at most one drop warning per this many seconds (plus the first)
@@ -225,6 +264,9 @@ class SQLiteSpanExporter(SpanExporter):
         self._schema_ready = False
         self._shutdown = False
         self._last_log = -math.inf
+        self._origin: dict[str, Any] = {}
+        # Drops not yet in telemetry_drops: (sink, reason) -> [spans, first_ns, last_ns].
+        self._unsaved: dict[tuple[str, str], list[int]] = {}
         try:
             self.ensure_schema()
         except SchemaVersionError:
@@ -302,10 +344,69 @@ class SQLiteSpanExporter(SpanExporter):
 
     # ------------------------------------------------------------------------- exporting
 
+    # ------------------------------------------------------------------ drop records
+
+    def set_origin(self, resource: Resource | None) -> None:
+        """Who the drop rows are from (service, role, engine, pid of the provider)."""
+        res = resource.attributes if resource is not None else {}
+        self._origin = {
+            "service": _as_str(res.get(A.RESOURCE_SERVICE_NAME)),
+            "role": _as_str(res.get(A.RESOURCE_ROLE)),
+            "engine_id": _as_str(res.get(A.RESOURCE_ENGINE_ID)),
+            "pid": _as_int(res.get(A.RESOURCE_PID)),
+        }
+
+    def note_drop(self, sink: str, reason: str, n: int) -> None:
+        """Remember ``n`` spans dropped by ``sink`` now; written with the next batch."""
+        if n <= 0:
+            return
+        now = time.time_ns()
+        with self._lock:
+            cur = self._unsaved.setdefault((sink, reason), [0, now, now])
+            cur[0] += n
+            cur[2] = now
+
+    def _take_drop_rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            taken, self._unsaved = self._unsaved, {}
+        now = time.time_ns()
+        return [{"recorded_ns": now, "first_ns": first, "last_ns": last, **self._origin,
+                 "sink": sink, "reason": reason, "spans": n}
+                for (sink, reason), (n, first, last) in taken.items()]
+
+    def _give_back(self, rows: list[dict[str, Any]]) -> None:
+        """Drop rows whose transaction failed go back to be written next time."""
+        for r in rows:
+            key = (r["sink"], r["reason"])
+            with self._lock:
+                cur = self._unsaved.setdefault(key, [0, r["first_ns"], r["last_ns"]])
+                cur[0] += r["spans"]
+                cur[1] = min(cur[1], r["first_ns"])
+                cur[2] = max(cur[2], r["last_ns"])
+
+    def write_drops(self) -> bool:
+        """Write the drops not yet recorded, one attempt (bounded by the busy timeout)."""
+        rows = self._take_drop_rows()
+        if not rows:
+            return True
+        try:
+            self.ensure_schema()
+            with self.engine.begin() as conn:
+                conn.execute(insert(drops_table), rows)
+            return True
+        except Exception as exc:  # the counters still have them; never raise here
+            self._give_back(rows)
+            logger.warning("telemetry: could not record %d drop rows: %s", len(rows), _short(exc))
+            return False
+
+    # ------------------------------------------------------------------------- exporting
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         n = len(spans)
         if n == 0:
             return SpanExportResult.SUCCESS
+        if not self._origin:
+            self.set_origin(spans[0].resource)
         if self._shutdown:
             self._drop(n, "shutdown", "exporter already shut down")
             return SpanExportResult.FAILURE
@@ -316,10 +417,14 @@ class SQLiteSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
+            drop_rows = self._take_drop_rows()
             try:
                 self.ensure_schema()
                 with self.engine.begin() as conn:
                     conn.execute(insert(spans_table), rows)
+                    if drop_rows:
+                        conn.execute(insert(drops_table), drop_rows)
+                drop_rows = []
                 with self._lock:
                     self.exported += n
                 counters.record_exported(SINK, n)
@@ -336,6 +441,8 @@ class SQLiteSpanExporter(SpanExporter):
             except Exception as exc:  # never let telemetry raise into the SDK's thread
                 last = exc
                 break
+            finally:
+                self._give_back(drop_rows)  # empty after a commit
         assert last is not None
         self._drop(n, _reason(last), _short(last))
         return SpanExportResult.FAILURE
@@ -351,6 +458,7 @@ class SQLiteSpanExporter(SpanExporter):
             if should_log:
                 self._last_log = now
         counters.record_dropped(SINK, reason, n)
+        self.note_drop(SINK, reason, n)
         if should_log:
             logger.warning(
                 "telemetry: dropped %d spans (%s: %s); %d dropped so far by %s",
@@ -361,7 +469,9 @@ class SQLiteSpanExporter(SpanExporter):
         return True  # nothing buffered here; the BatchSpanProcessor owns the queue
 
     def shutdown(self) -> None:
-        self._shutdown = True
+        if not self._shutdown:
+            self._shutdown = True
+            self.write_drops()  # last chance for drops counted since the last batch
         self.engine.dispose()
 
     def stats(self) -> dict[str, Any]:

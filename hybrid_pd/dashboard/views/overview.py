@@ -36,9 +36,8 @@ def body() -> None:
     c[6].metric("failed / stalled / aborted",
                 f"{int(t['failed'])} / {fails['stalls']} / {fails['aborts']}")
     st.caption(
-        "Dropped spans are never in the database: the writer counts them in "
-        "`hybrid_pd_telemetry_spans_dropped_total{sink,reason}` (Prometheus) and the "
-        "`hybrid-pd bench` report (`spans_dropped`)."
+        "Dropped spans are counted in `hybrid_pd_telemetry_spans_dropped_total{sink,reason}` "
+        "(Prometheus) and table `telemetry_drops`; a banner above says when the range has any."
     )
     buckets = common.transfer_buckets(db, start, end)
     left, right = st.columns(2)

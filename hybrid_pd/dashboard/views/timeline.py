@@ -31,6 +31,7 @@ def pick_request(db: str) -> str | None:
 
 def body() -> None:
     db = common.require_db()
+    common.drops_banner(db, None)  # no time range on this page: any drop in the file
     st.title("Request timeline")
     rid = pick_request(db)
     if rid is None:
