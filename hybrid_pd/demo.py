@@ -26,6 +26,7 @@ from hybrid_pd.serve.supervisor import (
     build_reference_supervisor,
     build_supervisor,
     default_run_dir,
+    warm_up_pair,
 )
 
 WORDS = (
@@ -164,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
             sup.start()
             sup.wait_healthy(args.health_timeout)
             starts = {c.name: c.ready_after_s for c in sup.children}
+            # the first request through the pair (it runs the NIXL handshake), as serve does
+            tries = warm_up_pair(f"http://{host}:{ports.proxy}", args.model, run_dir / "decode.log")
+            print(f"[demo] first request through the pair (handshake): ok on attempt {tries}",
+                  file=sys.stderr)
             rows = run_prompts(f"http://{host}:{ports.proxy}", f"http://{host}:{ports.decode}",
                                args.model, prompts, args.max_tokens, reference)
             if cfg.telemetry_db is not None:

@@ -21,9 +21,12 @@ KEY_NUM_THREADS = "num_threads"  # upstream: UCX worker threads per NIXL agent (
 KEY_READ_GRANULARITY = "hybrid_read_granularity"  # request | layer | sampled:K
 # The stall guard's own switch: seconds, or "off" (no deadline).  Independent of tracing.
 KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
+# D's wait for each P rank's NIXL metadata (vLLM 0.32 hard-codes 5 s); seconds.
+KEY_HANDSHAKE_TIMEOUT = "hybrid_handshake_timeout_s"
 
 DEFAULT_READ_GRANULARITY = "request"
 DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
 DEFAULT_LEASE_S = 120  # upstream's 30 s freed blocks before a loaded D read them
 # NIXL's UCX progress thread: longest wait (us) for a UCX event before it polls again.
 # NIXL's Python API uses 0 (a spinning thread per agent); see engine_patches.nixl_progress_delay.

@@ -375,3 +375,44 @@ def test_nixl_progress_delay_rejects_a_bad_setting(monkeypatch):
     monkeypatch.setenv(ENV_NIXL_PROGRESS_DELAY_US, "-1")
     with pytest.raises(ValueError, match="must be >= 0"):
         progress_delay_us()
+
+
+# -- nixl-handshake-timeout --------------------------------------------------------------
+
+
+def test_handshake_sockets_keep_the_configured_receive_timeout():
+    """vLLM sets RCVTIMEO 5000 ms on its handshake socket; inside the patch the socket
+    waits the configured time instead (here 0.1 s asked, 0.6 s kept) and still times out."""
+    import zmq
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import utils as nixl_utils
+
+    from hybrid_pd.engine_patches.nixl_handshake_timeout import patient_zmq
+
+    module = types.SimpleNamespace(zmq_ctx=nixl_utils.zmq_ctx)
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # accepts the request, never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with patient_zmq(module, 600), module.zmq_ctx(zmq.REQ, f"tcp://127.0.0.1:{port}") as s:
+            s.setsockopt(zmq.RCVTIMEO, 100)
+            s.send(b"meta?")
+            t0 = time.monotonic()
+            with pytest.raises(zmq.error.Again):
+                s.recv_multipart()
+            waited = time.monotonic() - t0
+        assert 0.5 < waited < 5, waited
+        assert module.zmq_ctx is nixl_utils.zmq_ctx
+    finally:
+        silent.close(linger=0)
+        ctx.term()
+
+
+def test_handshake_timeout_setting_is_checked():
+    from hybrid_pd.engine_patches.nixl_handshake_timeout import handshake_timeout_s
+    from hybrid_pd.settings import DEFAULT_HANDSHAKE_TIMEOUT_S, KEY_HANDSHAKE_TIMEOUT
+
+    assert handshake_timeout_s(None) == DEFAULT_HANDSHAKE_TIMEOUT_S
+    assert handshake_timeout_s({KEY_HANDSHAKE_TIMEOUT: "12.5"}) == 12.5
+    for bad in ("soon", 0, -3, 1e9):
+        with pytest.raises(ValueError, match=KEY_HANDSHAKE_TIMEOUT):
+            handshake_timeout_s({KEY_HANDSHAKE_TIMEOUT: bad})

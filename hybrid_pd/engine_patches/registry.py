@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hybrid_pd.engine_patches import (
     cpu_mamba_prefix_checkpoint,
+    nixl_handshake_timeout,
     nixl_progress_delay,
     nixl_upstream_tracing,
 )
@@ -12,6 +13,7 @@ from hybrid_pd.engine_patches.base import EnginePatch
 PATCHES: list[EnginePatch] = [
     *cpu_mamba_prefix_checkpoint.PATCHES,
     *nixl_progress_delay.PATCHES,
+    *nixl_handshake_timeout.PATCHES,
     *nixl_upstream_tracing.PATCHES,
 ]
 

@@ -19,6 +19,7 @@ from hybrid_pd.serve.engines import (
     ENV_CPU_KVCACHE_SPACE,
     ENV_CPU_THREADS_BIND,
     LaunchConfig,
+    connect_host,
 )
 from hybrid_pd.serve.supervisor import (
     LaunchError,
@@ -27,6 +28,7 @@ from hybrid_pd.serve.supervisor import (
     build_supervisor,
     default_run_dir,
     private_dir,
+    warm_up_pair,
 )
 from hybrid_pd.settings import (
     DEFAULT_READ_TIMEOUT_S,
@@ -137,6 +139,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model id or path (hybrid-pd make-model builds tiny ones)")
     add_common_launch_args(p)
+    p.add_argument("--restart", choices=("never", "on-failure"), default="never",
+                   help="when P, D or the proxy dies: stop everything (never, the default) "
+                   "or start that child again and re-run the P/D warm-up")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="with --restart on-failure: restarts per child before giving up")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -170,11 +177,26 @@ def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace) -> NoRe
     sup.wait_healthy(args.health_timeout)
     for c in sup.children:
         print(f"[hybrid-pd] {c.name} ready after {c.ready_after_s:.0f} s", file=sys.stderr)
+    proxy = f"http://{connect_host(args.host)}:{args.port}"
+    decode_log = sup.run_dir / "decode.log"
+    tries = warm_up_pair(proxy, args.model, decode_log)
+    print(f"[hybrid-pd] P/D handshake done (warm-up request, attempt {tries})", file=sys.stderr)
     print(f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops everything)",
           file=sys.stderr)
-    while not (dead := sup.dead()):
-        time.sleep(1.0)
-    raise LaunchError(
-        f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping all. "
-        f"Last lines of {dead[0].log_path}:\n{dead[0].tail()}"
-    )
+    while True:
+        while not (dead := sup.dead()):
+            time.sleep(1.0)
+        child = dead[0]
+        what = (f"{child.name} exited with code {child.proc.returncode}. "
+                f"Last lines of {child.log_path}:\n{child.tail()}")
+        if args.restart != "on-failure" or child.restarts >= args.max_restarts:
+            why = ("; --restart on-failure would start it again" if args.restart != "on-failure"
+                   else f" ({child.restarts} restarts already, --max-restarts {args.max_restarts})")
+            raise LaunchError(f"{what}\nstopping all{why}")
+        print(f"[hybrid-pd] {what}\n[hybrid-pd] restarting {child.name} "
+              f"({child.restarts + 1} of at most {args.max_restarts})", file=sys.stderr)
+        took = sup.restart(child, args.health_timeout)
+        # a new engine has a new engine id: D handshakes with it again (or with P anew)
+        tries = warm_up_pair(proxy, args.model, decode_log)
+        print(f"[hybrid-pd] {child.name} back after {took:.0f} s; P/D handshake done "
+              f"(attempt {tries}); serving again", file=sys.stderr)

@@ -56,6 +56,7 @@ class Child:
     health_url: str
     proc: subprocess.Popen | None = None
     ready_after_s: float | None = None
+    restarts: int = 0
 
     def tail(self, n: int = 40) -> str:
         try:
@@ -103,19 +104,41 @@ class Supervisor:
         private_dir(self.run_dir)
         self.started_at = time.monotonic()
         for child in self.children:
-            # owner-only: engine logs carry request ids, paths and engine arguments
-            fd = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            log = os.fdopen(fd, "ab", buffering=0)
-            log.write(f"$ {' '.join(child.cmd)}\n".encode())
-            child.proc = subprocess.Popen(
-                child.cmd,
-                env=child.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: we stop the whole tree
-            )
-            log.close()
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        # owner-only: engine logs carry request ids, paths and engine arguments
+        fd = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.fdopen(fd, "ab", buffering=0)
+        log.write(f"$ {' '.join(child.cmd)}\n".encode())
+        child.proc = subprocess.Popen(
+            child.cmd,
+            env=child.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: we stop the whole tree
+        )
+        log.close()
+
+    def restart(self, child: Child, timeout_s: float) -> float:
+        """Start a child that died again: whatever is left of its process group (an
+        engine core, workers) is killed first, then it is started with the same command
+        and log (appended) and waited for until healthy.  Returns the seconds it took."""
+        t0 = time.monotonic()
+        if child.proc is not None:
+            _signal_group(child.proc, signal.SIGKILL)
+            child.proc.wait(timeout=30)
+        child.ready_after_s, child.restarts = None, child.restarts + 1
+        self._spawn(child)
+        deadline = t0 + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while child.ready_after_s is None:
+                self._poll_health(client)
+                if time.monotonic() > deadline:
+                    raise self._not_healthy(timeout_s)
+                time.sleep(HEALTH_POLL_S)
+        return time.monotonic() - t0
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
@@ -253,6 +276,39 @@ def build_supervisor(
     sup.add(Child("proxy", proxy_command(cfg, ports, proxy_timeout_s), dict(os.environ),
                   run_dir / "proxy.log", f"http://{connect_host(cfg.host)}:{ports.proxy}/health"))
     return sup
+
+
+def warm_up_pair(proxy_url: str, model: str, decode_log: Path, tries: int = 3,
+                 timeout_s: float = DEFAULT_PROXY_TIMEOUT_S) -> int:
+    """One 1-token completion through the proxy, so D's NIXL handshake with every P rank
+    is done before serving is reported ready (the first user request would otherwise
+    pay for it, or fail with it).  Returns the attempt that succeeded; a failure is
+    retried up to ``tries`` in all, then raised as a LaunchError with the lines of D's
+    log that name the cause."""
+    body = {"model": model, "prompt": "warm-up", "max_tokens": 1, "temperature": 0}
+    errors: list[str] = []
+    with httpx.Client(timeout=timeout_s) as client:
+        for attempt in range(1, tries + 1):
+            try:
+                r = client.post(f"{proxy_url}/v1/completions", json=body)
+            except httpx.HTTPError as exc:
+                errors.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
+                continue
+            if r.status_code == 200:
+                return attempt
+            errors.append(f"attempt {attempt}: HTTP {r.status_code}: {r.text[:300]}")
+    raise LaunchError(
+        "the P/D pair did not answer a warm-up request (its NIXL handshake runs there): "
+        + "; ".join(errors) + f"\nD's log ({decode_log}) says:\n" + _failure_lines(decode_log))
+
+
+def _failure_lines(log: Path, n: int = 12) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    hits = [ln for ln in lines if "failure_type" in ln or "Error" in ln or "error" in ln]
+    return "\n".join((hits or lines)[-n:])
 
 
 def build_reference_supervisor(cfg: LaunchConfig, run_dir: Path, port: int, tp: int = 1) -> Supervisor:

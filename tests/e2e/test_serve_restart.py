@@ -1,0 +1,103 @@
+"""`hybrid-pd serve --restart on-failure`: an engine that dies is named, restarted, the
+pair handshakes again and serving resumes with correct outputs.
+
+One real `hybrid-pd serve` (hybrid connector, tiny Nemotron-H) on 2 cores: D's process
+group is SIGKILLed mid-run, then P's.  Each time the command must report the dead child
+with its log tail, answer a request sent while the child is down with an error (no hang),
+come back (new engine id, new NIXL handshake, run by serve's warm-up request) and then
+give the single engine's tokens again.  Wall time: ~4 min.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
+
+PROMPTS = [token_prompt(n) for n in (9, 300)]
+RESTART_TIMEOUT_S = 300
+
+
+class Output:
+    """The serve command's merged output, read on a thread; ``wait_for`` blocks."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self._q.put(line)
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not printed in {timeout_s} s:\n{''.join(self.lines[-60:])}")
+
+
+def _engine_group(serve: subprocess.Popen, port: int) -> int:
+    for p in psutil.Process(serve.pid).children(recursive=True):
+        cmd = p.cmdline()
+        if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port) and "serve" in cmd:
+            return os.getpgid(p.pid)
+    raise AssertionError(f"no engine on port {port}")
+
+
+@pytest.mark.e2e
+def test_serve_restarts_a_dead_engine_and_serves_correctly_again(tiny_models, tmp_path):
+    model = tiny_models["tiny-nemotron-h"]
+    ref = reference(model, tmp_path, PROMPTS, ())
+    ports = pd_ports()
+    cmd = [sys.executable, "-m", "hybrid_pd.cli", "serve", str(model), "--restart", "on-failure",
+           "--port", str(ports.proxy), "--prefill-port", str(ports.prefill),
+           "--decode-port", str(ports.decode),
+           "--prefill-side-channel-port", str(ports.prefill_side_channel),
+           "--decode-side-channel-port", str(ports.decode_side_channel),
+           "--run-dir", str(tmp_path / "serve")]
+    serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(serve)
+    proxy = f"http://127.0.0.1:{ports.proxy}"
+    try:
+        out.wait_for("serving on", 600)
+        with httpx.Client(timeout=300) as c:
+            assert generate(c, proxy, model, PROMPTS) == ref
+            for name, port in (("decode", ports.decode), ("prefill", ports.prefill)):
+                os.killpg(_engine_group(serve, port), signal.SIGKILL)
+                out.wait_for(f"{name} exited with code", 60)
+                # while it is down a request fails at once with an error, never hangs
+                t0 = time.monotonic()
+                r = c.post(proxy + "/v1/completions", json=body(model, PROMPTS[0]))
+                assert r.status_code >= 500 and time.monotonic() - t0 < 30, r.text
+                out.wait_for(f"restarting {name}", 30)
+                back = out.wait_for(f"{name} back after", RESTART_TIMEOUT_S)
+                assert "handshake done (attempt 1)" in back, back
+                assert generate(c, proxy, model, PROMPTS) == ref, f"after restarting {name}"
+        assert serve.poll() is None, "".join(out.lines[-60:])
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    assert serve.returncode == 0, "".join(out.lines[-60:])
+    log = Path(tmp_path / "serve" / "decode.log").read_text(errors="replace")
+    assert log.count("$ ") >= 2  # the restarted D appended to the same log
