@@ -96,16 +96,21 @@ def completion_tokens(client: httpx.Client, url: str, body: dict) -> list[int]:
     return list(resp.json()["choices"][0]["token_ids"])
 
 
-def reference_outputs(url: str, model: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    with httpx.Client(timeout=600.0) as client:
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def reference_outputs(url: str, model: str, prompts: list[str], max_tokens: int,
+                      api_key: str | None = None) -> list[list[int]]:
+    with httpx.Client(timeout=600.0, headers=_auth(api_key)) as client:
         return [completion_tokens(client, url + "/v1/completions", completion_body(model, p, max_tokens))
                 for p in prompts]
 
 
 def run_prompts(proxy_url: str, decode_url: str, model: str, prompts: list[str], max_tokens: int,
-                reference: list[list[int]]) -> list[Row]:
+                reference: list[list[int]], api_key: str | None = None) -> list[Row]:
     rows = []
-    with httpx.Client(timeout=600.0) as client:
+    with httpx.Client(timeout=600.0, headers=_auth(api_key)) as client:
         for prompt, ref in zip(prompts, reference, strict=True):
             before = scrape_nixl_metrics(client, decode_url)
             tokens, ttft, total, n_prompt = stream_completion(
@@ -159,18 +164,20 @@ def run(args: argparse.Namespace) -> int:
             ref.start()
             ref.wait_healthy(args.health_timeout)
             ref_start = ref.children[0].ready_after_s
-            reference = reference_outputs(f"http://{host}:{ports.reference}", args.model, prompts, args.max_tokens)
+            reference = reference_outputs(f"http://{host}:{ports.reference}", args.model, prompts,
+                                          args.max_tokens, cfg.api_key)
         print("[demo] 2/2 P/D: prefill + decode + proxy", file=sys.stderr)
         with build_supervisor(cfg, run_dir, ports, args.prefill_tp, args.decode_tp) as sup:
             sup.start()
             sup.wait_healthy(args.health_timeout)
             starts = {c.name: c.ready_after_s for c in sup.children}
             # the first request through the pair (it runs the NIXL handshake), as serve does
-            tries = warm_up_pair(f"http://{host}:{ports.proxy}", args.model, run_dir / "decode.log")
+            tries = warm_up_pair(f"http://{host}:{ports.proxy}", args.model, run_dir / "decode.log",
+                                 api_key=cfg.api_key)
             print(f"[demo] first request through the pair (handshake): ok on attempt {tries}",
                   file=sys.stderr)
             rows = run_prompts(f"http://{host}:{ports.proxy}", f"http://{host}:{ports.decode}",
-                               args.model, prompts, args.max_tokens, reference)
+                               args.model, prompts, args.max_tokens, reference, cfg.api_key)
             if cfg.telemetry_db is not None:
                 time.sleep(SPAN_FLUSH_S)  # the engines' span batches go out every 0.5 s
     except (LaunchError, RuntimeError, httpx.HTTPError) as exc:

@@ -44,6 +44,7 @@ ENV_PATCHES = "HYBRID_PD_PATCHES"  # 0: no engine patches at all
 ENV_TRACE_UPSTREAM = "HYBRID_PD_TRACE_UPSTREAM"  # 0: upstream connector untraced
 ENV_NIXL_PROGRESS_DELAY_US = "HYBRID_PD_NIXL_PROGRESS_DELAY_US"  # 0: NIXL's own (spins)
 ENV_HOME = "HYBRID_PD_HOME"  # tiny models' cache root
+ENV_API_KEY = "VLLM_API_KEY"  # upstream's; serve hands it to P, D and the proxy via env only
 ENV_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # upstream's, set per engine
 ENV_CONV_LAYOUT = "VLLM_SSM_CONV_STATE_LAYOUT"  # upstream's; DS is what NIXL reads need
 

@@ -283,3 +283,21 @@ def test_run_dir_logs_and_span_database_are_owner_only(tmp_path: Path):
         sup.start()
     assert oct((tmp_path / "run2").stat().st_mode & 0o777) == "0o700"
     assert oct((tmp_path / "run2" / "c.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_api_key_reaches_every_child_by_environment_never_by_command_line(tmp_path: Path,
+                                                                         monkeypatch):
+    monkeypatch.delenv(settings.ENV_API_KEY, raising=False)
+    cfg = launch_config_from_args(serve_args("/m", "--api-key", "sk-secret", "--no-telemetry"),
+                                  tmp_path)
+    assert "sk-secret" not in repr(cfg)
+    sup = build_supervisor(cfg, tmp_path, Ports())
+    for child in sup.children:  # P, D and the proxy
+        assert child.env[settings.ENV_API_KEY] == "sk-secret", child.name
+        assert not any("sk-secret" in part for part in child.cmd), child.cmd
+    # from the environment alone, as vLLM reads it
+    monkeypatch.setenv(settings.ENV_API_KEY, "sk-env")
+    assert launch_config_from_args(serve_args("/m", "--no-telemetry"), tmp_path).api_key == "sk-env"
+    with pytest.raises(SystemExit, match="without spaces"):
+        launch_config_from_args(serve_args("/m", "--api-key", "two words", "--no-telemetry"),
+                                tmp_path)

@@ -262,3 +262,41 @@ def test_models_forwards_authorization():
     assert r.status_code == 200
     (headers,) = seen
     assert headers["authorization"] == "Bearer sk-test"
+
+
+# -- API key ------------------------------------------------------------------------------
+
+
+def _keyed(engines: FakeEngines) -> TestClient:
+    return TestClient(create_app(ProxyConfig(P, D, timeout_s=5, api_key="sk-right"),
+                                 transport=httpx.MockTransport(engines)))
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer sk-wrong", "sk-right", "Bearer sk-right2", "Basic sk-right"])
+@pytest.mark.parametrize(("method", "path"), [("post", "/v1/completions"),
+                                              ("post", "/v1/chat/completions"),
+                                              ("get", "/v1/models")])
+def test_api_key_is_required_on_every_v1_route_before_any_engine_call(auth, method, path):
+    engines = FakeEngines()
+    headers = {"Authorization": auth} if auth else {}
+    with _keyed(engines) as c:
+        r = getattr(c, method)(path, headers=headers,
+                               **({"json": BASE} if method == "post" else {}))
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert engines.seen == {"p": [], "d": []}
+
+
+def test_api_key_request_reaches_both_engines_with_the_key_and_health_stays_open():
+    engines = FakeEngines()
+    with _keyed(engines) as c:
+        r = c.post("/v1/completions", json=BASE, headers={"Authorization": "Bearer sk-right"})
+        assert c.get("/health").status_code == 200
+        assert c.get("/metrics").status_code == 200
+    assert r.status_code == 200, r.text
+    (p_req,), (d_req,) = engines.seen["p"], engines.seen["d"]
+    assert p_req["headers"]["authorization"] == d_req["headers"]["authorization"] == "Bearer sk-right"
+
+
+def test_api_key_never_shows_in_the_config_repr():
+    assert "sk-right" not in repr(ProxyConfig(P, D, api_key="sk-right"))

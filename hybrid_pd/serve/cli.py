@@ -32,6 +32,7 @@ from hybrid_pd.serve.supervisor import (
 )
 from hybrid_pd.settings import (
     DEFAULT_READ_TIMEOUT_S,
+    ENV_API_KEY,
     ENV_SIDE_CHANNEL_PORT,
     KEY_READ_GRANULARITY,
     KEY_READ_TIMEOUT,
@@ -82,6 +83,9 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
                    help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
+    p.add_argument("--api-key", default=None, help=f"required on /v1/* by the proxy, P and D "
+                   f"(default: {ENV_API_KEY} from the environment; handed to the engines in "
+                   "their environment, never written to the run directory)")
 
 
 def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
@@ -121,12 +125,21 @@ def ports_from_args(args: argparse.Namespace) -> Ports:
     )
 
 
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``VLLM_API_KEY`` from the environment, else None (open)."""
+    key = getattr(args, "api_key", None) or os.environ.get(ENV_API_KEY) or None
+    if key is not None and (not key.strip() or any(c.isspace() for c in key)):
+        raise SystemExit("--api-key / VLLM_API_KEY must be a non-empty token without spaces")
+    return key
+
+
 def launch_config_from_args(args: argparse.Namespace, run_dir: Path) -> LaunchConfig:
     return LaunchConfig(
         model=args.model, host=args.host, engine_host=args.engine_host, connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
         telemetry_db=telemetry_db_from_args(args, run_dir), kv_extra=kv_extra_from_args(args),
+        api_key=api_key_from_args(args),
     )
 
 
@@ -179,7 +192,8 @@ def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace) -> NoRe
         print(f"[hybrid-pd] {c.name} ready after {c.ready_after_s:.0f} s", file=sys.stderr)
     proxy = f"http://{connect_host(args.host)}:{args.port}"
     decode_log = sup.run_dir / "decode.log"
-    tries = warm_up_pair(proxy, args.model, decode_log)
+    key = api_key_from_args(args)
+    tries = warm_up_pair(proxy, args.model, decode_log, api_key=key)
     print(f"[hybrid-pd] P/D handshake done (warm-up request, attempt {tries})", file=sys.stderr)
     print(f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops everything)",
           file=sys.stderr)
@@ -197,6 +211,6 @@ def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace) -> NoRe
               f"({child.restarts + 1} of at most {args.max_restarts})", file=sys.stderr)
         took = sup.restart(child, args.health_timeout)
         # a new engine has a new engine id: D handshakes with it again (or with P anew)
-        tries = warm_up_pair(proxy, args.model, decode_log)
+        tries = warm_up_pair(proxy, args.model, decode_log, api_key=key)
         print(f"[hybrid-pd] {child.name} back after {took:.0f} s; P/D handshake done "
               f"(attempt {tries}); serving again", file=sys.stderr)

@@ -12,12 +12,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hybrid_pd.planner.layout import ConvLayout
 from hybrid_pd.settings import (
     DEFAULT_LEASE_S,
     DEFAULT_READ_TIMEOUT_S,
+    ENV_API_KEY,
     ENV_CONV_LAYOUT,
     ENV_ROLE,
     ENV_SIDE_CHANNEL_PORT,
@@ -90,6 +91,9 @@ class LaunchConfig:
     extra_env: tuple[tuple[str, str], ...] = ()
     # span database (path or SQLAlchemy URL) shared by P, D and the proxy; None: no spans
     telemetry_db: str | None = None
+    # enforced by P, D and the proxy; handed over in their environment (ENV_API_KEY), never
+    # on a command line (those are written to the run directory's logs)
+    api_key: str | None = field(default=None, repr=False)
 
 
 def default_kv_extra(num_cores: int, lease_s: int = DEFAULT_LEASE_S,
@@ -198,4 +202,6 @@ def engine_env(
         env[ENV_TELEMETRY_DB] = cfg.telemetry_db
         env[ENV_ROLE] = spec.role
     env.update(dict(cfg.extra_env))
+    if cfg.api_key:
+        env[ENV_API_KEY] = cfg.api_key
     return env

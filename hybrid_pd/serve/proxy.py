@@ -14,7 +14,9 @@ Flow of one request (``/v1/completions`` or ``/v1/chat/completions``, :meth:`PDP
 Errors from either engine come back as HTTP errors that name the engine and the cause
 (:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.  P and D
 each have their own connection pool; a full one answers 503 with ``Retry-After``.
-``/metrics`` serves prometheus_client's default registry.
+``/metrics`` serves prometheus_client's default registry.  With an API key
+(``VLLM_API_KEY`` in the environment, never a flag) every ``/v1/*`` call needs
+``Authorization: Bearer <key>``, which goes on to P and D (they enforce the same key).
 
 Tracing: each request is a ``hybrid_pd.proxy.request`` span (continuing the caller's W3C
 ``traceparent`` when there is one) with a ``hybrid_pd.proxy.prefill`` and a
@@ -29,11 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hmac
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -45,7 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hybrid_pd.serve.engines import DEFAULT_HOST, DEFAULT_PROXY_TIMEOUT_S
 from hybrid_pd.serve.proxy_calls import POOL_MAX_CONNECTIONS, EngineClient, EngineError
-from hybrid_pd.settings import PORT_PROXY, TRACE_PARAMS_KEY
+from hybrid_pd.settings import ENV_API_KEY, PORT_PROXY, TRACE_PARAMS_KEY
 from hybrid_pd.telemetry import attributes as A
 
 # Tracer and logger name, independent of where this module lives: stored spans and log
@@ -107,10 +111,10 @@ def _is_batch(prompt: object) -> bool:
 # - a token-id prompt (list of ints): passes through to both engines unchanged.
 def check_request(body: dict[str, Any]) -> tuple[str, str] | None:
     """(field, why) when P/D cannot serve ``body``; None when it can."""
-    for field in ("n", "best_of"):
-        value = body.get(field)
+    for name in ("n", "best_of"):
+        value = body.get(name)
         if value is not None and not (_is_int(value) and value == 1):
-            return field, f"'{field}' must be 1 (got {value!r}): disaggregated P/D serves one sequence per request"
+            return name, f"'{name}' must be 1 (got {value!r}): disaggregated P/D serves one sequence per request"
     if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
         return "prompt_logprobs", ("prompt logprobs ('prompt_logprobs', or 'echo' with 'logprobs') are not "
                                    "available: the prompt is prefilled on another engine")
@@ -190,6 +194,21 @@ def traced_headers(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def authorized(request: Request, api_key: str | None) -> bool:
+    """No key configured, or the request carries ``Authorization: Bearer <key>``
+    (compared in constant time)."""
+    if api_key is None:
+        return True
+    sent = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(sent, f"Bearer {api_key}".encode())
+
+
+def unauthorized() -> JSONResponse:
+    return JSONResponse(status_code=401, content={"error": {
+        "message": "missing or wrong API key: send 'Authorization: Bearer <key>'",
+        "type": "authentication_error", "param": None, "code": 401}})
+
+
 def invalid_request(message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=400, content={"error": {
         "message": message, "type": "invalid_request_error", "param": param, "code": 400}})
@@ -221,6 +240,9 @@ class ProxyConfig:
     connect_timeout_s: float = 10.0
     # calls in flight per engine (P and D each); more get 503 + Retry-After
     max_connections: int = POOL_MAX_CONNECTIONS
+    # required on /v1/* as "Authorization: Bearer <key>" (and forwarded to P and D, which
+    # enforce the same key); None: open. Never printed.
+    api_key: str | None = field(default=None, repr=False)
 
 
 class PDProxy:
@@ -322,19 +344,24 @@ def _proxy(request: Request) -> PDProxy:
     return request.app.state.proxy
 
 
+def _denied(request: Request) -> Response | None:
+    # /v1/* only, as vLLM's own API-key middleware: /health and /metrics stay open
+    return None if authorized(request, _proxy(request).config.api_key) else unauthorized()
+
+
 @routes.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    return await _proxy(request).handle(request, "/v1/completions")
+    return _denied(request) or await _proxy(request).handle(request, "/v1/completions")
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _proxy(request).handle(request, "/v1/chat/completions")
+    return _denied(request) or await _proxy(request).handle(request, "/v1/chat/completions")
 
 
 @routes.get("/v1/models")
 async def models(request: Request) -> Response:
-    return await _proxy(request).models(request)
+    return _denied(request) or await _proxy(request).models(request)
 
 
 @routes.get("/metrics")
@@ -387,6 +414,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="write proxy spans to this SQLite file (plus OTLP from OTEL_* "
                    "variables); off when not given")
     p.set_defaults(func=run)
+    # the API key comes from the environment only (ENV_API_KEY): a flag would show in ps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -399,7 +427,8 @@ def run(args: argparse.Namespace) -> int:
 
         tel = setup.configure_tracing("hybrid-pd-proxy", "proxy", db_url=args.telemetry_db)
         print(f"[hybrid-pd proxy] spans -> {args.telemetry_db}", flush=True)
-    app = create_app(ProxyConfig(args.prefill_url.rstrip("/"), args.decode_url.rstrip("/"), args.timeout))
+    app = create_app(ProxyConfig(args.prefill_url.rstrip("/"), args.decode_url.rstrip("/"),
+                                 args.timeout, api_key=os.environ.get(ENV_API_KEY) or None))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

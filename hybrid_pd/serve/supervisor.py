@@ -32,6 +32,7 @@ from hybrid_pd.serve.engines import (
     plan_cpu_binding,
 )
 from hybrid_pd.settings import (
+    ENV_API_KEY,
     PORT_DECODE,
     PORT_DECODE_SIDE_CHANNEL,
     PORT_PREFILL,
@@ -273,13 +274,16 @@ def build_supervisor(
     binding = plan_cpu_binding([(e.name, e.tp) for e in engines], sorted(os.sched_getaffinity(0)), cfg.cpu_bind)
     for spec in engines:
         sup.add(_engine_child(cfg, spec, run_dir, binding[spec.name]))
-    sup.add(Child("proxy", proxy_command(cfg, ports, proxy_timeout_s), dict(os.environ),
+    proxy_env = dict(os.environ)
+    if cfg.api_key:
+        proxy_env[ENV_API_KEY] = cfg.api_key
+    sup.add(Child("proxy", proxy_command(cfg, ports, proxy_timeout_s), proxy_env,
                   run_dir / "proxy.log", f"http://{connect_host(cfg.host)}:{ports.proxy}/health"))
     return sup
 
 
 def warm_up_pair(proxy_url: str, model: str, decode_log: Path, tries: int = 3,
-                 timeout_s: float = DEFAULT_PROXY_TIMEOUT_S) -> int:
+                 timeout_s: float = DEFAULT_PROXY_TIMEOUT_S, api_key: str | None = None) -> int:
     """One 1-token completion through the proxy, so D's NIXL handshake with every P rank
     is done before serving is reported ready (the first user request would otherwise
     pay for it, or fail with it).  Returns the attempt that succeeded; a failure is
@@ -287,7 +291,8 @@ def warm_up_pair(proxy_url: str, model: str, decode_log: Path, tries: int = 3,
     log that name the cause."""
     body = {"model": model, "prompt": "warm-up", "max_tokens": 1, "temperature": 0}
     errors: list[str] = []
-    with httpx.Client(timeout=timeout_s) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=timeout_s, headers=headers) as client:
         for attempt in range(1, tries + 1):
             try:
                 r = client.post(f"{proxy_url}/v1/completions", json=body)

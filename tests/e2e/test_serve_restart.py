@@ -1,8 +1,10 @@
-"""`hybrid-pd serve --restart on-failure`: an engine that dies is named, restarted, the
-pair handshakes again and serving resumes with correct outputs.
+"""`hybrid-pd serve --restart on-failure` with an API key: the key guards the proxy and
+both engines and is written nowhere in the run directory; an engine that dies is named,
+restarted, the pair handshakes again and serving resumes with correct outputs.
 
-One real `hybrid-pd serve` (hybrid connector, tiny Nemotron-H) on 2 cores: D's process
-group is SIGKILLed mid-run, then P's.  Each time the command must report the dead child
+One real `hybrid-pd serve` (hybrid connector, tiny Nemotron-H, ``VLLM_API_KEY`` in its
+environment) on 2 cores: requests without the key are refused by the proxy, P and D;
+then D's process group is SIGKILLed mid-run, then P's.  Each time the command must report the dead child
 with its log tail, answer a request sent while the child is down with an error (no hang),
 come back (new engine id, new NIXL handshake, run by serve's warm-up request) and then
 give the single engine's tokens again.  Wall time: ~4 min.
@@ -17,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psutil
@@ -27,6 +28,7 @@ from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
 
 PROMPTS = [token_prompt(n) for n in (9, 300)]
 RESTART_TIMEOUT_S = 300
+KEY = "sk-e2e-7c1f9b2a"
 
 
 class Output:
@@ -63,7 +65,8 @@ def _engine_group(serve: subprocess.Popen, port: int) -> int:
 
 
 @pytest.mark.e2e
-def test_serve_restarts_a_dead_engine_and_serves_correctly_again(tiny_models, tmp_path):
+def test_serve_with_api_key_restarts_a_dead_engine_and_serves_correctly_again(tiny_models,
+                                                                              tmp_path):
     model = tiny_models["tiny-nemotron-h"]
     ref = reference(model, tmp_path, PROMPTS, ())
     ports = pd_ports()
@@ -73,12 +76,21 @@ def test_serve_restarts_a_dead_engine_and_serves_correctly_again(tiny_models, tm
            "--prefill-side-channel-port", str(ports.prefill_side_channel),
            "--decode-side-channel-port", str(ports.decode_side_channel),
            "--run-dir", str(tmp_path / "serve")]
-    serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "VLLM_API_KEY": KEY})
     out = Output(serve)
     proxy = f"http://127.0.0.1:{ports.proxy}"
     try:
         out.wait_for("serving on", 600)
-        with httpx.Client(timeout=300) as c:
+        with httpx.Client(timeout=60) as anon:
+            for base in (proxy, f"http://127.0.0.1:{ports.prefill}",
+                         f"http://127.0.0.1:{ports.decode}"):
+                r = anon.post(base + "/v1/completions", json=body(model, PROMPTS[0]))
+                assert r.status_code == 401, (base, r.status_code, r.text)
+                bad = anon.post(base + "/v1/completions", json=body(model, PROMPTS[0]),
+                                headers={"Authorization": "Bearer sk-wrong"})
+                assert bad.status_code == 401, (base, bad.status_code)
+        with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as c:
             assert generate(c, proxy, model, PROMPTS) == ref
             for name, port in (("decode", ports.decode), ("prefill", ports.prefill)):
                 os.killpg(_engine_group(serve, port), signal.SIGKILL)
@@ -99,5 +111,10 @@ def test_serve_restarts_a_dead_engine_and_serves_correctly_again(tiny_models, tm
         except subprocess.TimeoutExpired:
             serve.kill()
     assert serve.returncode == 0, "".join(out.lines[-60:])
-    log = Path(tmp_path / "serve" / "decode.log").read_text(errors="replace")
+    run_dir = tmp_path / "serve"
+    log = (run_dir / "decode.log").read_text(errors="replace")
     assert log.count("$ ") >= 2  # the restarted D appended to the same log
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f"the API key was written to {f}"
+    assert KEY not in "".join(out.lines)
