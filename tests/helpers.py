@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import queue
 import re
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Output:
+    """A child's merged output, read on a thread; ``wait_for`` blocks until a line has
+    ``text`` (the lines so far stay in ``lines``)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self._q.put(line)
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not printed in {timeout_s} s:\n{''.join(self.lines[-60:])}")
+
+    def rest(self) -> str:
+        """Everything printed so far (all of it once the child has exited)."""
+        self._thread.join(timeout=10)
+        while not self._q.empty():
+            self.lines.append(self._q.get_nowait())
+        return "".join(self.lines)
 
 
 # ------------------------------------------------------------------ rotel (OTLP receiver)

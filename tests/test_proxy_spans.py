@@ -3,6 +3,10 @@ continues the caller's traceparent and reaches P and D.  No GPU, NIXL or vLLM re
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from hybrid_pd.serve.proxy import ProxyConfig, create_app
 from hybrid_pd.telemetry import attributes as A
-from tests.test_proxy import FakeEngines
+from tests.test_proxy import KV, FakeEngines
 
 P, D = "http://p", "http://d"
 CALLER_TRACE = "a" * 32
@@ -92,3 +96,63 @@ def test_no_tracer_forwards_callers_traceparent_untouched() -> None:
         c.post("/v1/completions", json={"model": "m", "prompt": "hi"}, headers={"traceparent": tp})
     assert engines.seen["p"][0]["headers"]["traceparent"] == tp
     assert engines.seen["d"][0]["headers"]["traceparent"] == tp
+
+
+def _asgi_call(app, body: bytes, leave_after: asyncio.Event) -> float:
+    """One POST /v1/completions straight into the ASGI app; the client disconnects once
+    ``leave_after`` is set.  Returns how long the app took to answer."""
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        # as uvicorn: a disconnect that happened is answered at once
+        if msgs:
+            return msgs.pop(0)
+        if not leave_after.is_set():
+            await leave_after.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("proxy", 80)}
+    t0 = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 20))
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("stuck", ["p", "d"])
+def test_client_that_leaves_closes_the_engine_call_and_spans_say_cancelled(mem, stuck) -> None:
+    """A non-streaming client that disconnects while P prefills (or D generates): the
+    engine call is closed at once (vLLM then aborts that engine's request), the proxy's
+    spans say ``kv.status=cancelled``, and nothing waits for the engine."""
+    provider, exporter = mem
+    cancelled: list[str] = []
+    in_engine = asyncio.Event()
+
+    async def engines(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host == stuck:
+            in_engine.set()
+            try:
+                await asyncio.sleep(60)  # a long prefill / generation
+            except asyncio.CancelledError:
+                cancelled.append(host)
+                raise
+        if host == "p":
+            return httpx.Response(200, json={"choices": [{"text": "x"}], "kv_transfer_params": KV})
+        return httpx.Response(200, json={"choices": [{"text": "decoded"}]})
+
+    app = create_app(ProxyConfig(P, D, timeout_s=120), transport=httpx.MockTransport(engines),
+                     tracer=provider.get_tracer("test"))
+    took = _asgi_call(app, json.dumps({"model": "m", "prompt": "hi", "max_tokens": 9}).encode(),
+                      in_engine)
+    assert cancelled == [stuck] and took < 5, (cancelled, took)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    engine_span = A.SPAN_PROXY_PREFILL if stuck == "p" else A.SPAN_PROXY_DECODE
+    for name in (A.SPAN_PROXY_REQUEST, engine_span):
+        assert spans[name].attributes[A.KV_STATUS] == "cancelled", name
+        assert spans[name].status.status_code is StatusCode.UNSET  # the client's choice

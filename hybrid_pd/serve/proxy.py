@@ -29,6 +29,7 @@ tracer is OpenTelemetry's global one unless ``create_app(tracer=...)`` gives one
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import hmac
@@ -36,7 +37,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ logger = logging.getLogger(INSTRUMENTATION_NAME)
 # are the answer; kv_transfer_params: the client's never reach an engine (we set P's).
 _PREFILL_DROP = ("stream", "stream_options", "max_completion_tokens", "n", "best_of",
                  "min_tokens", "logprobs", "top_logprobs", "kv_transfer_params")
+# How often a request waiting on an engine checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
+CLIENT_CLOSED_REQUEST = 499  # nobody reads it: the client has gone
 # Request headers every engine call carries on.
 _FORWARDED = ("authorization", "traceparent", "tracestate")
 
@@ -224,6 +228,33 @@ def describe_request(span: Span, body: dict[str, Any], path: str, request_id: st
         })
 
 
+def mark_cancelled(span: Span) -> None:
+    # the client's choice, not a server error: the status stays unset
+    if span.is_recording():
+        A.set_attrs(span, {A.KV_STATUS: "cancelled", A.KV_FAILURE_REASON: "client disconnected"})
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, Response]
+                             ) -> Response | None:
+    """``work``'s answer, or None once the client has gone: then ``work`` is cancelled,
+    which closes the engine call in flight, and vLLM aborts that engine's request (P
+    while it prefills, D while it generates) instead of running it to ``max_tokens``.
+    A stream that has started is relayed by Starlette, which stops it the same way."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    finally:
+        task.cancel()  # no-op when done; the proxy itself being cancelled stops the call
+
+
 def mark_engine_error(span: Span, exc: EngineError) -> None:
     if span.is_recording():
         A.mark_failed(span, f"{exc.engine} engine: HTTP {exc.status}", exc)
@@ -268,12 +299,22 @@ class PDProxy:
         with self._request_span(request) as root:
             describe_request(root, body, path, request_id)
             try:
-                p_answer = await self._prefill(path, body, request_id, headers)
-                return await self._decode(path, body, p_answer, request_id, headers)
+                answer = await until_disconnected(
+                    request, self._prefill_then_decode(path, body, request_id, headers))
             except EngineError as exc:
                 mark_engine_error(root, exc)
                 logger.warning("request %s failed: %s", request_id, exc)
                 return exc.to_response()
+            if answer is None:
+                mark_cancelled(root)
+                logger.info("request %s: the client left; its engine call was closed", request_id)
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return answer
+
+    async def _prefill_then_decode(self, path: str, body: dict, request_id: str,
+                                   headers: dict) -> Response:
+        p_answer = await self._prefill(path, body, request_id, headers)
+        return await self._decode(path, body, p_answer, request_id, headers)
 
     async def _prefill(self, path: str, body: dict, request_id: str, headers: dict) -> dict:
         """P's answer, which carries the kv_transfer_params D needs."""
@@ -316,6 +357,9 @@ class PDProxy:
                 yield span
             except EngineError as exc:
                 mark_engine_error(span, exc)
+                raise
+            except asyncio.CancelledError:
+                mark_cancelled(span)
                 raise
 
     async def models(self, request: Request) -> Response:

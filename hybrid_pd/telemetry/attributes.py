@@ -136,7 +136,7 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_PEER_TP_SIZE, "int", "Remote TP size."),
         AttrSpec(KV_PEER_ENGINE_ID, "string", "Remote engine id."),
         AttrSpec(KV_BACKEND, "string", "NIXL backend, e.g. `UCX`."),
-        AttrSpec(KV_STATUS, "string", "Transfer outcome: `done`, `failed`, `timeout` or `aborted`."),
+        AttrSpec(KV_STATUS, "string", "Outcome: `done`, `failed`, `timeout` or `aborted` (transfers); `cancelled` (proxy spans: the client left)."),
         AttrSpec(KV_FAILURE_REASON, "string", "Why a transfer failed (short, no payload data)."),
         AttrSpec(KV_NIXL_POST_US, "double", "NIXL's own post duration (`get_xfer_telemetry`), microseconds."),
         AttrSpec(KV_NIXL_XFER_US, "double", "NIXL's own transfer duration (`get_xfer_telemetry`), microseconds."),

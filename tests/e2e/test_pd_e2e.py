@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from helpers import free_port
+from helpers import Output, free_port
 
 from hybrid_pd.metrics import scrape_nixl_metrics
 from hybrid_pd.serve.engines import LaunchConfig
@@ -138,26 +138,19 @@ def test_dense_pd_via_serve_cli_and_clean_shutdown(tiny_models, tmp_path):
            "--decode-side-channel-port", str(ports.decode_side_channel),
            "--run-dir", str(tmp_path / "serve"), *args]
     serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(serve)
     try:
-        deadline = time.monotonic() + 600
-        with httpx.Client(timeout=5) as c:
-            while True:
-                assert serve.poll() is None, serve.stdout.read()
-                try:
-                    if c.get(f"http://127.0.0.1:{ports.proxy}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "hybrid-pd serve not healthy in 600 s"
-                time.sleep(2)
+        # ready means after serve's warm-up request through the pair (the handshake)
+        out.wait_for("serving on", 600)
         check_pd(model, ports, prompts, ref)
         tree = psutil.Process(serve.pid).children(recursive=True)
         assert len(tree) >= 5, [p.name() for p in tree]  # P and D (with engine cores), proxy
     finally:
         serve.send_signal(signal.SIGTERM)
-        out, _ = serve.communicate(timeout=120)
-    assert serve.returncode == 0, out
-    assert "stopping" in out
+        serve.wait(timeout=120)
+    text = out.rest()
+    assert serve.returncode == 0, text
+    assert "stopping" in text and "P/D handshake done (warm-up request, attempt 1)" in text
     alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left running after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
 

@@ -1,5 +1,6 @@
 """`hybrid-pd serve --restart on-failure` with an API key: the key guards the proxy and
-both engines and is written nowhere in the run directory; an engine that dies is named,
+both engines and is written nowhere in the run directory; a client that leaves a long
+non-streaming request stops D's generation within seconds; an engine that dies is named,
 restarted, the pair handshakes again and serving resumes with correct outputs.
 
 One real `hybrid-pd serve` (hybrid connector, tiny Nemotron-H, ``VLLM_API_KEY`` in its
@@ -13,47 +14,22 @@ give the single engine's tokens again.  Wall time: ~4 min.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
+from helpers import Output
 
+from e2e.test_hybrid_load import gauge
 from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
 
 PROMPTS = [token_prompt(n) for n in (9, 300)]
 RESTART_TIMEOUT_S = 300
 KEY = "sk-e2e-7c1f9b2a"
-
-
-class Output:
-    """The serve command's merged output, read on a thread; ``wait_for`` blocks."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self._q: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self._q.put(line)
-
-    def wait_for(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"{text!r} not printed in {timeout_s} s:\n{''.join(self.lines[-60:])}")
 
 
 def _engine_group(serve: subprocess.Popen, port: int) -> int:
@@ -90,7 +66,18 @@ def test_serve_with_api_key_restarts_a_dead_engine_and_serves_correctly_again(ti
                 bad = anon.post(base + "/v1/completions", json=body(model, PROMPTS[0]),
                                 headers={"Authorization": "Bearer sk-wrong"})
                 assert bad.status_code == 401, (base, bad.status_code)
-        with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        # a client that leaves a long non-streaming request: D stops generating at once
+        # (the proxy closes its call; before, D ran on to max_tokens)
+        with httpx.Client(timeout=4, headers=auth) as short, pytest.raises(httpx.ReadTimeout):
+            short.post(proxy + "/v1/completions",
+                       json=body(model, PROMPTS[0], max_tokens=4000))
+        left = time.monotonic()
+        with httpx.Client(timeout=10) as m:
+            while gauge(m, f"http://127.0.0.1:{ports.decode}", "vllm:num_requests_running") > 0:
+                assert time.monotonic() - left < 10, "D still generating 10 s after the client left"
+                time.sleep(0.5)
+        with httpx.Client(timeout=300, headers=auth) as c:
             assert generate(c, proxy, model, PROMPTS) == ref
             for name, port in (("decode", ports.decode), ("prefill", ports.prefill)):
                 os.killpg(_engine_group(serve, port), signal.SIGKILL)
@@ -117,4 +104,4 @@ def test_serve_with_api_key_restarts_a_dead_engine_and_serves_correctly_again(ti
     for f in run_dir.rglob("*"):
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f"the API key was written to {f}"
-    assert KEY not in "".join(out.lines)
+    assert KEY not in out.rest()
