@@ -23,6 +23,7 @@ from hybrid_pd.metrics import scrape_nixl_metrics
 from hybrid_pd.serve import cli as serve_cli
 from hybrid_pd.serve.supervisor import (
     LaunchError,
+    auth_headers,
     build_reference_supervisor,
     build_supervisor,
     default_run_dir,
@@ -96,13 +97,9 @@ def completion_tokens(client: httpx.Client, url: str, body: dict) -> list[int]:
     return list(resp.json()["choices"][0]["token_ids"])
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def reference_outputs(url: str, model: str, prompts: list[str], max_tokens: int,
                       api_key: str | None = None) -> list[list[int]]:
-    with httpx.Client(timeout=600.0, headers=_auth(api_key)) as client:
+    with httpx.Client(timeout=600.0, headers=auth_headers(api_key)) as client:
         return [completion_tokens(client, url + "/v1/completions", completion_body(model, p, max_tokens))
                 for p in prompts]
 
@@ -110,7 +107,7 @@ def reference_outputs(url: str, model: str, prompts: list[str], max_tokens: int,
 def run_prompts(proxy_url: str, decode_url: str, model: str, prompts: list[str], max_tokens: int,
                 reference: list[list[int]], api_key: str | None = None) -> list[Row]:
     rows = []
-    with httpx.Client(timeout=600.0, headers=_auth(api_key)) as client:
+    with httpx.Client(timeout=600.0, headers=auth_headers(api_key)) as client:
         for prompt, ref in zip(prompts, reference, strict=True):
             before = scrape_nixl_metrics(client, decode_url)
             tokens, ttft, total, n_prompt = stream_completion(

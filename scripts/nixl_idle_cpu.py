@@ -22,25 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid_pd.transfer.agent import addr_array, min_progress_delay
+from hybrid_pd.transfer.agent import addr_array, make_agent
 
 N = 64 << 10
 DELAYS = (0, 1000)
 
 
-def agent(name: str, delay: int):
-    from nixl._api import nixl_agent, nixl_agent_config
-
-    cfg = nixl_agent_config(backends=["UCX"], num_threads=1, capture_telemetry=True)
-    if delay == 0:
-        return nixl_agent(name, cfg)
-    with min_progress_delay(nixl_agent, delay):
-        return nixl_agent(name, cfg)
-
-
 def peer(path: str, delay: int) -> None:
     """The idle side: register, publish, then never call NIXL again."""
-    a = agent("P", delay)
+    a = make_agent("P", num_threads=1, delay_us=delay)
     buf = np.full(N, 7, dtype=np.uint8)
     a.register_memory(addr_array([(buf.ctypes.data, N, 0)]), "DRAM")
     Path(path + ".tmp").write_text(json.dumps({"md": a.get_agent_metadata().hex(),
@@ -50,7 +40,7 @@ def peer(path: str, delay: int) -> None:
 
 
 def measure(delay: int) -> dict[str, float]:
-    a = agent("D", delay)
+    a = make_agent("D", num_threads=1, delay_us=delay)
     buf = np.zeros(N, dtype=np.uint8)
     a.register_memory(addr_array([(buf.ctypes.data, N, 0)]), "DRAM")
     t0 = os.times()

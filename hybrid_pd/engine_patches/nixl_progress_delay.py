@@ -13,8 +13,8 @@ patch, ``tests/e2e/test_hybrid_connector.py`` took 363 s instead of 812 s.
 What it does: wraps the ``NixlWrapper`` name vLLM's NIXL worker constructs its agent
 through (``base_worker.NixlWrapper``, i.e. ``nixl_agent``) so the agent is built through
 :func:`hybrid_pd.transfer.agent.new_agent` (the bench's agents are too): its progress
-thread waits on UCX's event fd for up to the delay instead of spinning.  Applies to both connectors (ours and ``--connector
-upstream``), so comparisons stay fair.  ``HYBRID_PD_NIXL_PROGRESS_DELAY_US`` sets the
+thread waits on UCX's event fd for up to the delay instead of spinning.  Applies to both
+connectors (ours and ``--connector upstream``), so comparisons stay fair.  ``HYBRID_PD_NIXL_PROGRESS_DELAY_US`` sets the
 delay (``0``: NIXL's own behaviour).
 """
 

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
               f"--db {cfg.telemetry_db}", file=sys.stderr)
     try:
         with sup:
-            _serve_until_a_child_dies(sup, args)
+            _serve_until_a_child_dies(sup, args, cfg.api_key)
     except KeyboardInterrupt:
         print("\n[hybrid-pd] stopping...", file=sys.stderr)
         return 0
@@ -185,14 +185,14 @@ def _stop_on_sigterm(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace) -> NoReturn:
+def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace,
+                              key: str | None) -> NoReturn:
     sup.start()
     sup.wait_healthy(args.health_timeout)
     for c in sup.children:
         print(f"[hybrid-pd] {c.name} ready after {c.ready_after_s:.0f} s", file=sys.stderr)
     proxy = f"http://{connect_host(args.host)}:{args.port}"
     decode_log = sup.run_dir / "decode.log"
-    key = api_key_from_args(args)
     tries = warm_up_pair(proxy, args.model, decode_log, api_key=key)
     print(f"[hybrid-pd] P/D handshake done (warm-up request, attempt {tries})", file=sys.stderr)
     print(f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops everything)",

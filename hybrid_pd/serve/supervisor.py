@@ -132,13 +132,7 @@ class Supervisor:
             child.proc.wait(timeout=30)
         child.ready_after_s, child.restarts = None, child.restarts + 1
         self._spawn(child)
-        deadline = t0 + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while child.ready_after_s is None:
-                self._poll_health(client)
-                if time.monotonic() > deadline:
-                    raise self._not_healthy(timeout_s)
-                time.sleep(HEALTH_POLL_S)
+        self.wait_healthy(timeout_s, progress=False)  # the others are ready: only it is polled
         return time.monotonic() - t0
 
     def dead(self) -> list[Child]:
@@ -282,6 +276,11 @@ def build_supervisor(
     return sup
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header our own requests (warm-up, demo) carry when an API key is set."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def warm_up_pair(proxy_url: str, model: str, decode_log: Path, tries: int = 3,
                  timeout_s: float = DEFAULT_PROXY_TIMEOUT_S, api_key: str | None = None) -> int:
     """One 1-token completion through the proxy, so D's NIXL handshake with every P rank
@@ -291,8 +290,7 @@ def warm_up_pair(proxy_url: str, model: str, decode_log: Path, tries: int = 3,
     log that name the cause."""
     body = {"model": model, "prompt": "warm-up", "max_tokens": 1, "temperature": 0}
     errors: list[str] = []
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=timeout_s, headers=headers) as client:
+    with httpx.Client(timeout=timeout_s, headers=auth_headers(api_key)) as client:
         for attempt in range(1, tries + 1):
             try:
                 r = client.post(f"{proxy_url}/v1/completions", json=body)
