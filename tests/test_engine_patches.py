@@ -258,7 +258,7 @@ def _stub_upstream_init(monkeypatch, nixl):
         w = object.__new__(_upstream_worker())
         w.vllm_config = vllm_config
         w.engine_id, w.tp_rank, w.nixl_wrapper = "upstream-d", 0, nixl
-        w._recving_transfers = {}
+        w._recving_transfers, w._recving_metadata = {}, {}
         w.xfer_stats = SimpleNamespace(record_transfer=lambda res: None,
                                        record_failed_transfer=lambda: None)
         self.connector_worker, self.connector_scheduler, self.engine_id = w, None, "upstream-d"
@@ -297,6 +297,8 @@ def test_upstream_tracing_span_count_1_0_1_with_the_read_path_kept(monkeypatch):
         conn = object.__new__(conn_cls)
         conn_cls.__init__(conn, config, None, None)
         w = conn.connector_worker
+        # the quarantine's reports reach vLLM (upstream's connector returns None)
+        assert conn.build_connector_worker_meta == w.hy_quarantine_report
         before = len(mem.get_finished_spans())
         w._recving_transfers["r1"] = [7]
         assert w._pop_done_transfers(w._recving_transfers) == ({"r1"}, set())

@@ -239,6 +239,11 @@ class FakeAgent:
     def send_notif(self, *_: Any) -> None:
         pass
 
+    def release_dlist_handle(self, *_: Any) -> None:
+        pass
+
+    remove_remote_agent = deregister_memory = release_dlist_handle
+
 
 def fake_pair(tracer: Any, state: str,
               agent_cls: type[FakeAgent] = FakeAgent) -> tuple[NixlExecutor, BenchCase]:
@@ -278,6 +283,30 @@ def test_stall_emits_stall_abort_and_timeout_read_spans() -> None:
     # P was told to free the blocks: one fail notification, traced.
     (note,) = by_name(spans, A.SPAN_KV_NOTIFY)
     assert note.attributes[A.KV_STATUS] == "failed"
+
+
+def test_stalled_reads_are_held_until_they_end_and_block_new_reads() -> None:
+    """The quarantine rule in the bench: a READ given up is not released (NIXL would not
+    cancel it); while it is in flight the next request fails before posting anything and
+    close() keeps the memory registered; once it ends it is released and reads resume."""
+    tracer, _ = mem_tracer()
+    d, case = fake_pair(tracer, "PROC")
+    first = d.read_request("stuck", case.unmerged_plans[0], engine_id="prefill",
+                           decode_block_ids=case.decode_ids, timeout_s=0.01)
+    assert first.status == "failed" and d.agent.released == 0 and len(d.held) == len(first.reads)
+    second = d.read_request("next", case.unmerged_plans[0], engine_id="prefill",
+                            decode_block_ids=case.decode_ids, timeout_s=5)
+    assert second.status == "failed" and not second.reads
+    assert "given up earlier are still in flight" in second.reason
+    d.close()
+    assert d._reg is not None  # still registered: the READ may land
+    d.agent.state = "DONE"
+    third = d.read_request("after", case.unmerged_plans[0], engine_id="prefill",
+                           decode_block_ids=case.decode_ids, timeout_s=5)
+    assert third.status == "ok" and not d.held
+    assert d.agent.released == len(first.reads) + len(third.reads)
+    d.close()
+    assert d._reg is None
 
 
 def test_err_read_span_failed() -> None:

@@ -162,8 +162,8 @@ def _with(m: hs.HandshakeMetadata, regions=None, **layout) -> hs.HandshakeMetada
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_blocks": 1 << 40}, r"num_blocks=1099511627776 refused: .*\[1, 512\] \(64 x our 8"),
-        ({"num_blocks": 8 * 64 + 1}, r"num_blocks=513 refused"),
+        ({"num_blocks": 1 << 40}, r"num_blocks=1099511627776 refused: .*\[1, 131072\] \(64 x our 8"),
+        ({"num_blocks": hs.MIN_BLOCKS_CAP + 1}, rf"num_blocks={hs.MIN_BLOCKS_CAP + 1} refused"),
         ({"num_blocks": 0}, r"num_blocks=0 refused"),
         ({"num_blocks": -1}, r"num_blocks=-1 refused"),
         ({"num_blocks": True}, r"num_blocks=True refused"),
@@ -181,10 +181,16 @@ def test_geometry_caps_refuse_before_building(change, message) -> None:
 
 
 def test_block_count_cap_is_relative_to_the_local_engine() -> None:
-    # 64x our blocks passes; the bench executor then preps views of that size.
-    hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=128))
-    with pytest.raises(hs.HandshakeError, match=r"\[1, 128\] \(64 x our 2 blocks\)"):
-        hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=129))
+    # 64x our blocks passes, and never less than MIN_BLOCKS_CAP (a D with a small cache
+    # pairs with an ordinary P); the bench executor then preps views of that size.
+    floor = hs.MIN_BLOCKS_CAP
+    hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=floor))
+    with pytest.raises(hs.HandshakeError, match=rf"\[1, {floor}\] \(64 x our 2 blocks"):
+        hs.check_compatible(meta(engine="d0", blocks=2), meta(blocks=floor + 1))
+    big = 2 * floor
+    hs.check_compatible(meta(engine="d0", blocks=big), meta(blocks=64 * big))
+    with pytest.raises(hs.HandshakeError, match=rf"\[1, {64 * big}\] \(64 x our {big} blocks"):
+        hs.check_compatible(meta(engine="d0", blocks=big), meta(blocks=64 * big + 1))
     # Without a local engine only the model's bounds apply (engine_layout alone).
     assert hs.engine_layout(meta(blocks=129))[1].num_blocks == 129
 

@@ -37,7 +37,7 @@ from hybrid_pd.transfer import handshake as hs
 HERE = Path(__file__).parent
 TINY = spec_from_hf_config(json.loads((HERE / "data" / "tiny_nemotron_h_config.json").read_text()))
 LOCAL_BLOCKS = 8
-CAP = hs.MAX_BLOCKS_FACTOR * LOCAL_BLOCKS
+CAP = max(hs.MAX_BLOCKS_FACTOR * LOCAL_BLOCKS, hs.MIN_BLOCKS_CAP)
 BUDGET_S = 0.5
 EXTREMES = (0, -1, 1, 2**31, 2**63 - 1, 2**64)
 ODD = (True, False, None, 1.5, "8", [8])

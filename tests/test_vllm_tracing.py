@@ -75,6 +75,7 @@ class FakeUpstreamWorker:
         self.xfer_stats = FakeStats()
         self._recving_transfers: dict[str, list[int]] = defaultdict(list)
         self._recv_failures: set[str] = set()
+        self._recving_metadata: dict[str, Any] = {}
         self._reqs_to_send: dict[str, float] = {}
         self.logged: list[str] = []
         self._next = 100
@@ -85,6 +86,7 @@ class FakeUpstreamWorker:
         self._reqs_to_send.update(metadata.reqs_to_send)
 
     def _read_blocks_for_req(self, req_id: str, meta: Any) -> None:
+        self._recving_metadata[req_id] = meta
         self._read_blocks(SimpleNamespace(remote_rank=0), meta.remote.engine_id, req_id,
                           f"remote-{req_id}", 1, None, 2, 1, True)
 
@@ -124,6 +126,10 @@ class FakeUpstreamWorker:
     def _pop_done_transfers(self, transfers: dict[str, list[int]]) -> tuple[set[str], set[str]]:
         raise AssertionError("the read path replaces upstream's poll")
 
+    def _engines_with_inflight_transfers(self) -> set[str]:
+        return {self._recving_metadata[r].remote.engine_id for r in self._recving_transfers
+                if r in self._recving_metadata}
+
     # descriptor builds and handshakes (the tracing layer times them)
     def _build_fa_local(self, base_addresses: list[int], block_size_ratio: int) -> Any:
         return [(a, 64, 0) for a in base_addresses]
@@ -160,6 +166,8 @@ class FakeUpstreamWorker:
         self._recv_failures |= failed
         failed_done = {r for r in self._recv_failures if r not in self._recving_transfers}
         self._recv_failures -= failed_done
+        for rid in done | failed_done:
+            self._recving_metadata.pop(rid, None)
         sending = self._get_new_notifs()
         self._reap_expired_send_leases(sending)
         return SimpleNamespace(finished_recving=done | failed_done, failed_recving=failed_done,
@@ -227,7 +235,7 @@ def test_read_spans_join_the_request_trace_with_nixl_numbers(spans: InMemorySpan
     assert xfer.start_time <= mapping.start_time <= read.start_time <= read.end_time <= xfer.end_time
 
 
-def test_stalled_read_is_aborted_released_and_failed(spans: InMemorySpanExporter) -> None:
+def test_stalled_read_is_aborted_held_and_failed(spans: InMemorySpanExporter) -> None:
     w = Worker(timeout=0.05)
     w.start_load_kv(recv_meta())
     (h,) = w._recving_transfers["req-1"]
@@ -235,7 +243,8 @@ def test_stalled_read_is_aborted_released_and_failed(spans: InMemorySpanExporter
     time.sleep(0.08)
     res = w.get_transfer_results()
     assert res.finished_recving == {"req-1"} and res.failed_recving == {"req-1"}
-    assert w.nixl_wrapper.released == [h] and "req-1" not in w._recving_transfers
+    assert w.nixl_wrapper.released == [] and "req-1" not in w._recving_transfers
+    assert list(w.hy_held) == [h]  # quarantined: NIXL would not cancel it
     assert any(line.startswith("transfer_stalled req-1") for line in w.logged), w.logged
     got = by_name(spans)
     (abort,), (read,), (xfer,) = got[A.SPAN_KV_ABORT], got[A.SPAN_KV_READ], got[A.SPAN_KV_TRANSFER]
@@ -300,6 +309,9 @@ class FakeScheduler:
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
         self._reqs_need_send[request.request_id] = 1.0
         return True, {"remote_engine_id": "P"}
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self.outputs = [*getattr(self, "outputs", []), connector_output]
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         meta = SimpleNamespace(reqs_to_send=self._reqs_need_send, reqs_to_recv=dict(self._reqs_need_recv))
@@ -375,7 +387,8 @@ def test_stall_guard_works_with_tracing_off() -> None:
     time.sleep(0.08)
     res = w.get_transfer_results()
     assert res.finished_recving == {"req-1"} and res.failed_recving == {"req-1"}
-    assert w.nixl_wrapper.released == [h] and w.xfer_stats.failed == 1
+    assert w.nixl_wrapper.released == [] and w.xfer_stats.failed == 1
+    assert list(w.hy_held) == [h]
     assert any(line.startswith("transfer_stalled req-1") for line in w.logged), w.logged
 
 

@@ -75,6 +75,7 @@ OWNERS: dict[str, Owner] = {o.role: o for o in (
     Owner("tp_plan", f"{_NIXL}.tp_mapping", "TPMapping"),
     Owner("transfer_results", f"{_V1}.base", "KVConnectorTransferResults"),
     Owner("stats", f"{_NIXL}.stats", "NixlKVConnectorStats"),
+    Owner("connector_output", "vllm.v1.outputs", "KVConnectorOutput"),
 )}
 
 
@@ -151,6 +152,7 @@ METHODS: tuple[Method, ...] = (
     Method("worker", "get_transfer_results", "tracing wraps", _T, ("self",)),
     Method("worker", "_reap_expired_send_leases", "tracing wraps", _T,
            ("self", "done_sending")),
+    Method("worker", "_engines_with_inflight_transfers", "quarantine extends", _T, ("self",)),
     Method("worker", "_handle_failed_transfer", "hybrid and tracing call", _HT,
            ("self", "req_id", "handle", "failed_req_ids=", "record_failed_transfer=")),
     # -- NixlPullConnectorScheduler ------------------------------------------------------
@@ -159,11 +161,15 @@ METHODS: tuple[Method, ...] = (
            ("self", "request", "block_ids")),
     Method("scheduler", "build_connector_meta", "tracing wraps", _T,
            ("self", "scheduler_output")),
+    Method("scheduler", "update_connector_output", "quarantine extends", _T,
+           ("self", "connector_output")),
     # -- the connectors -------------------------------------------------------------------
     Method("connector", "__init__", "the nixl-upstream-read-path and -tracing patches wrap, hybrid replaces",
            _HT, ("self", "vllm_config", "role", "kv_cache_config")),
     Method("base_connector", "__init__", "hybrid calls", _H,
            ("self", "vllm_config", "role", "kv_cache_config")),
+    Method("connector", "build_connector_worker_meta",
+           "hybrid overrides, the read-path patch sets it per instance", _HT, ("self",)),
     # -- NixlKVConnectorStats (the worker's xfer_stats: vllm:nixl_* metrics) ------------
     Method("stats", "record_transfer", "read path calls", _T, ("self", "res")),
     # -- private module functions -------------------------------------------------------
@@ -194,6 +200,7 @@ INSTANCE_ATTRS: tuple[Attr, ...] = (
     Attr("worker", "_remote_agents", "hybrid reads", _H),
     Attr("worker", "_mixed_mem_types", "hybrid reads", _H),
     Attr("worker", "_pending_recv_notifs", "hybrid defers notifications into it", _H),
+    Attr("worker", "_recving_metadata", "quarantine reads (the READ's peer engine)", _T),
     Attr("worker", "_recv_failures", "hybrid passes it to _handle_failed_transfer", _H),
     Attr("scheduler", "_reqs_need_recv", "tracing reads", _T),
     Attr("connector", "connector_worker", "the tracing patch swaps its class, hybrid sets", _HT),
@@ -221,6 +228,8 @@ FIELDS: tuple[Attr, ...] = (
     Attr("tp_plan", "all_source_ranks", "hybrid reads", _H),
     *(Attr("transfer_results", n, "tracing reads", _T) for n in (
         "finished_recving", "failed_recving", "finished_sending")),
+    *(Attr("connector_output", n, "quarantine reads (and withholds finished_recving)", _T)
+      for n in ("finished_recving", "kv_connector_worker_meta")),
 )
 
 

@@ -11,17 +11,18 @@ upstream's pull worker.
   feed ``vllm:nixl_*``), plus the stall guard on the same poll - no extra NIXL call;
 * the stall guard (``kv_connector_extra_config["hybrid_read_timeout_s"]``; absent,
   ``off`` or ``0``: no deadline): a READ still ``PROC`` that long after its post is
-  released and reported through upstream's ``_handle_failed_transfer``, so vLLM's
-  ``kv_load_failure_policy`` applies and the request's blocks are freed.
+  reported through upstream's ``_handle_failed_transfer``, so vLLM's
+  ``kv_load_failure_policy`` applies at once; its handle and blocks are quarantined
+  (:mod:`.quarantine`) until NIXL reports that READ ended.
 
 Behaviour only: nothing here records spans.  It calls ``_hy_read_finished(rec)`` for
 every READ outcome and ``_hy_read_aborted(...)`` for every give-up; the tracing mixin
 (:mod:`.vllm_tracing`) in front turns those into spans, and does no NIXL call itself.
 
-Known limit (measured, tests/e2e/test_faults.py): NIXL 1.5.1's release of an in-flight
-READ returns OK but does not cancel it over UCX/TCP -- a P that was frozen (SIGSTOP) and
-resumes still delivers the bytes into D blocks that may meanwhile belong to another
-request.  A dead P cannot.
+Why a quarantine and not a release (measured, ``scripts/late_read_probe.py``): NIXL
+1.5.1's release of an in-flight READ returns OK but does not cancel it over UCX/TCP -- a
+P that was frozen (SIGSTOP) and resumes still delivers the bytes, which would land in D
+blocks that meanwhile belong to another request.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from hybrid_pd.connector.quarantine import QuarantineWorkerMixin
 from hybrid_pd.settings import KEY_READ_TIMEOUT
-from hybrid_pd.transfer.reads import ReadResult, StallGuard, abort_read, now_ns, poll_read
+from hybrid_pd.transfer.reads import ReadResult, StallGuard, now_ns, poll_read
 
 logger = logging.getLogger("hybrid_pd.connector")
 
@@ -45,7 +47,7 @@ def stall_guard_from(extra: dict[str, Any] | None) -> StallGuard:
     return StallGuard.parse(value, f"kv_connector_extra_config.{KEY_READ_TIMEOUT}")
 
 
-class ReadPathWorkerMixin:
+class ReadPathWorkerMixin(QuarantineWorkerMixin):
     """Front of a ``NixlPullConnectorWorker`` (ours or upstream's); see the module doc.
 
     State is created lazily (``_hy_path``): the upstream tracing patch swaps this class
@@ -75,7 +77,7 @@ class ReadPathWorkerMixin:
         """A READ's outcome is known (DONE, ERR, exception, abort)."""
 
     def _hy_read_aborted(self, req_id: str, rec: ReadResult, t_abort: int) -> None:
-        """The stall guard gave a READ up (released it)."""
+        """The stall guard gave a READ up (its handle is now held, see .quarantine)."""
 
     # -- registering READs ------------------------------------------------------------------
     def hy_register_reads(self, request_id: str, started: list[tuple[Any, ReadResult]]) -> None:
@@ -107,6 +109,7 @@ class ReadPathWorkerMixin:
         """Upstream's contract: poll every handle once, release finished ones, return
         (requests with no handle left, requests that saw a failure); a failed handle NIXL
         would not release stays listed.  Plus the stall guard on the same poll."""
+        self.hy_poll_held()
         done_req_ids: set[str] = set()
         failed_req_ids: set[str] = set()
         for req_id, handles in list(transfers.items()):
@@ -159,14 +162,17 @@ class ReadPathWorkerMixin:
         w: Any = self
         reason = self.hy_guard.reason(rec, now)
         w._log_failure(failure_type="transfer_stalled", req_id=req_id,
-                       msg=f"{reason}; releasing the handle ({KEY_READ_TIMEOUT})")
+                       msg=f"{reason} ({KEY_READ_TIMEOUT}); the request fails, its blocks "
+                           "stay held until NIXL reports the READ ended")
         # upstream's failure bookkeeping (metric, failed engine, failed request); the
-        # release is ours so that we learn whether NIXL gave the handle up
+        # handle is not released (that would not cancel the READ) but quarantined
         w._handle_failed_transfer(req_id, None, failed)
-        released = abort_read(w.nixl_wrapper, handle, rec, "TIMEOUT", reason)
+        rec.status, rec.t_end_ns = "TIMEOUT", now_ns()
+        rec.reason = f"{reason}; blocks held until the READ ends"
+        self.hy_hold(req_id, handle, rec)
         self._hy_read_aborted(req_id, rec, now)
         self._hy_finish(handle, rec)
-        return not released  # NIXL would not cancel it: keep it listed, like upstream
+        return False  # off the request's list: it fails now; the handle is held apart
 
     def _hy_finish(self, handle: int, rec: ReadResult) -> None:
         self.hy_reads.pop(handle, None)

@@ -168,7 +168,7 @@ def derive_remote(local: LocalSide, meta: Any, remote_tp: int, remote_rank: int)
                          meta.physical_blocks_per_logical_kv_block, 1, hs.MAX_BLOCK_RATIO, who)
     # Upstream advertises kernel (physical) blocks: logical blocks x ratio.
     phys = hs.check_int("num_blocks", meta.num_blocks, ratio, caps.max_blocks * ratio, who,
-                        f" ({hs.MAX_BLOCKS_FACTOR} x our {caps.local_blocks} blocks x ratio)")
+                        caps.why + " x ratio")
     if phys % ratio:
         raise ValueError(f"{who}: num_blocks={phys} is not a multiple of the block ratio {ratio}")
     names = _listed("region_names", meta.region_names, caps.max_regions, who)

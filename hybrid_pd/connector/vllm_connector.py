@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 
 from hybrid_pd.connector import contract
 from hybrid_pd.connector.hybrid_worker import HybridWorkerCore
+from hybrid_pd.connector.quarantine import QuarantineReport, QuarantineSchedulerMixin
 from hybrid_pd.connector.read_path import ReadPathWorkerMixin
 from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
@@ -51,8 +52,10 @@ class HybridNixlWorker(TracedWorkerMixin, ReadPathWorkerMixin, HybridWorkerCore)
     HY_CONNECTOR = "hybrid"
 
 
-class HybridNixlScheduler(TracedSchedulerMixin, NixlPullConnectorScheduler):
-    """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers."""
+class HybridNixlScheduler(TracedSchedulerMixin, QuarantineSchedulerMixin,
+                          NixlPullConnectorScheduler):
+    """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers
+    and withholding the blocks of quarantined READs (:mod:`.quarantine`)."""
 
 
 class HybridNixlConnector(NixlPullConnector):
@@ -75,6 +78,10 @@ class HybridNixlConnector(NixlPullConnector):
             self.connector_worker = HybridNixlWorker(vllm_config, self.engine_id, kv_cache_config)
         else:
             raise ValueError(f"unsupported KVConnectorRole: {role}")
+
+    def build_connector_worker_meta(self) -> QuarantineReport | None:
+        """The worker's quarantine changes this step (vLLM hands them to the scheduler)."""
+        return self.connector_worker.hy_quarantine_report() if self.connector_worker else None
 
 
 __all__ = ["HybridNixlConnector", "HybridNixlScheduler", "HybridNixlWorker"]

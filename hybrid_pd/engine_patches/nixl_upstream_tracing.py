@@ -53,6 +53,7 @@ def _classes() -> dict[str, type]:
         NixlPullConnectorWorker,
     )
 
+    from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
     from hybrid_pd.connector.read_path import ReadPathWorkerMixin
     from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
@@ -66,8 +67,10 @@ def _classes() -> dict[str, type]:
                           NixlPullConnectorWorker),
         "traced": make("TracedNixlPullConnectorWorker", TracedWorkerMixin, ReadPathWorkerMixin,
                        NixlPullConnectorWorker, HY_CONNECTOR="upstream"),
+        "q_scheduler": make("QuarantineNixlPullConnectorScheduler", QuarantineSchedulerMixin,
+                            NixlPullConnectorScheduler),
         "traced_scheduler": make("TracedNixlPullConnectorScheduler", TracedSchedulerMixin,
-                                 NixlPullConnectorScheduler),
+                                 QuarantineSchedulerMixin, NixlPullConnectorScheduler),
     }
 
 
@@ -110,10 +113,18 @@ def _swap(instance: Any, moves: dict[str, tuple[tuple[type, ...], type]], patch:
 
 
 def read_path_connector(instance: Any) -> bool:
-    """Put the shared read path (polling records, stall guard) in front of the worker
-    upstream's ``NixlPullConnector.__init__`` just built."""
+    """Put the shared read path (polling records, stall guard, quarantine) in front of
+    the worker upstream's ``NixlPullConnector.__init__`` just built, the quarantine's
+    scheduler half in front of its scheduler, and hand the worker's quarantine reports
+    to vLLM (``build_connector_worker_meta``, which upstream leaves at None)."""
     c = _classes()
-    return _swap(instance, {"worker": ((c["worker"],), c["read_path"])}, "nixl-upstream-read-path")
+    moved = _swap(instance, {"worker": ((c["worker"],), c["read_path"]),
+                             "scheduler": ((c["scheduler"],), c["q_scheduler"])},
+                  "nixl-upstream-read-path")
+    worker = getattr(instance, "connector_worker", None)
+    if moved and worker is not None:
+        instance.build_connector_worker_meta = worker.hy_quarantine_report
+    return moved
 
 
 def trace_connector(instance: Any) -> bool:
@@ -121,7 +132,8 @@ def trace_connector(instance: Any) -> bool:
     the read spans come from) and the scheduler upstream just built."""
     c = _classes()
     return _swap(instance, {"worker": ((c["worker"], c["read_path"]), c["traced"]),
-                            "scheduler": ((c["scheduler"],), c["traced_scheduler"])},
+                            "scheduler": ((c["scheduler"], c["q_scheduler"]),
+                                          c["traced_scheduler"])},
                  "nixl-upstream-tracing")
 
 
@@ -150,8 +162,9 @@ PATCHES = [
         name="nixl-upstream-read-path",
         closes="gap: vLLM's NixlConnector polls a stuck READ forever (no stall timeout); "
         "one read path for both connectors",
-        description="the shared READ records, polling and stall guard "
-        "(hybrid_read_timeout_s) in front of upstream NixlConnector's worker",
+        description="the shared READ records, polling, stall guard "
+        "(hybrid_read_timeout_s) and quarantine in front of upstream NixlConnector's worker "
+        "and scheduler",
         requirement=VLLM_REQUIREMENT,
         module=_CONNECTOR.module,
         qualname=f"{_CONNECTOR.name}.{_INIT.name}",

@@ -40,7 +40,7 @@ SPAN_KV_HANDSHAKE = "hybrid_pd.kv.handshake"
 SPAN_KV_NOTIFY = "hybrid_pd.kv.notify"
 # A transfer that made no progress for longer than the stall threshold.
 SPAN_KV_STALL = "hybrid_pd.kv.stall"
-# A transfer given up (timeout, dead peer, bad handshake); blocks are released.
+# A transfer given up (timeout, dead peer, bad handshake); blocks are freed once NIXL ends the READ.
 SPAN_KV_ABORT = "hybrid_pd.kv.abort"
 # The proxy's view of one client request (root of the per-request trace).
 SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
@@ -57,7 +57,7 @@ SPANS: dict[str, str] = {
     SPAN_KV_NOTIFY: "D notifies P that the request's blocks may be freed; inside a prefill engine: "
     "the blocks held for D, from the hand-over to D's notification (or the lease expiry).",
     SPAN_KV_STALL: "A transfer without progress for longer than the stall threshold.",
-    SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks released.",
+    SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks freed once NIXL ends the READ.",
     SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root).",
     SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
     SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
@@ -144,7 +144,7 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_COMPLETION_LAG_NS, "int", "Upper bound of how late the read span ends after the real completion: "
                  "first poll that saw DONE minus the previous poll (or the post)."),
         AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress."),
-        AttrSpec(KV_READS, "int", "READ handles: posted (transfer span) or released unfinished (abort span)."),
+        AttrSpec(KV_READS, "int", "READ handles: posted (transfer span) or given up unfinished (abort span)."),
         AttrSpec(KV_POLLS, "int", "Transfer span: check_xfer_state rounds until every READ was DONE or aborted."),
     )
 }

@@ -25,6 +25,11 @@ What the bench adds around the shared read path, and why:
 * **Notifications** (D -> P): ``done:<request_id>`` rides on the READ when it is the
   only one for that peer, else is sent after the last; ``fail:<request_id>:<reason>``
   frees P's lease at once (:class:`~hybrid_pd.transfer.leases.LeaseTable`).
+* **Held READs** (the rule of the vLLM connector's quarantine): a READ given up on a
+  stall is not released -- NIXL 1.5.1 does not cancel an in-flight READ on release
+  (``scripts/late_read_probe.py``: all bytes land once the frozen peer resumes) -- but
+  held and polled; while any is held, the next request fails before posting (its
+  destination could still be written) and :meth:`close` keeps the memory registered.
 * **Spans** come from :mod:`hybrid_pd.telemetry.recorder` after the poll loop and the
   notifications, from the stamps only, with ``hybrid_pd.connector = bench``.
   ``read_contiguous`` (the raw-READ baseline) emits none.
@@ -59,6 +64,7 @@ from hybrid_pd.transfer.reads import (
     plan_parts,
     poll_read,
     post_reads,
+    release,
     short_reason,
     start_reads,
 )
@@ -151,6 +157,7 @@ class NixlExecutor:
                 A.mark_failed(span, short_reason(exc), exc)
                 raise
         self._extra_regs: list[Any] = []
+        self.held: list[tuple[Any, ReadResult, str]] = []  # given up, maybe still landing
         self.peers: dict[tuple[str, int], _Peer] = {}
         self.local_meta: hs.HandshakeMetadata | None = None
         self.local_layout: EngineLayout | None = None
@@ -330,9 +337,9 @@ class NixlExecutor:
         guard = StallGuard(timeout_s)
         pending: list[tuple[Any, ReadResult, str]] = []
         results: list[ReadResult] = []
-        failure = ""
+        failure = self._still_held()
         done_msg = f"done:{request_id}".encode() if notify else None
-        for job in jobs:
+        for job in ([] if failure else jobs):
             try:
                 started = self._post(job, done_msg)
             except Exception as exc:  # NIXL raises nixlBackendError & co on a dead peer
@@ -348,12 +355,13 @@ class NixlExecutor:
             if failure:
                 break
         pending, failure, polls = self._poll(pending, guard, failure, log)
-        if pending:  # abort what is left (NIXL cancels an active READ on release)
+        if pending:  # give up what is left, but hold it: a release would not cancel it
             t_abort = now_ns()
             status = "TIMEOUT" if "timeout" in failure else "ABORTED"
-            for handle, rec, _ in pending:
-                abort_read(self.agent, handle, rec, status, failure)
+            for _, rec, _ in pending:
+                rec.status, rec.reason, rec.t_end_ns = status, failure, now_ns()
                 log.reads.append(rec)
+            self.held.extend(pending)
             log.abort = (t_abort, now_ns(), [rec for _, rec, _ in pending], failure)
         t_end = now_ns()
         out = RequestResult(request_id=request_id, status="failed" if failure else "ok",
@@ -395,6 +403,26 @@ class NixlExecutor:
                 os.sched_yield()  # 2 cores: give the peer's progress a chance
         return pending, failure, polls
 
+    def _still_held(self) -> str:
+        """Poll the held READs once, release the ended ones; "" when none is left, else
+        why a new READ must not start."""
+        still = []
+        for handle, rec, peer_agent in self.held:
+            try:
+                state = self.agent.check_xfer_state(handle)
+            except Exception as exc:  # a dead peer: nothing more can land
+                state = "ERR" if "RemoteDisconnect" in type(exc).__name__ else "PROC"
+            if state == "PROC":
+                still.append((handle, rec, peer_agent))
+            else:
+                release(self.agent, handle)
+        self.held = still
+        if not still:
+            return ""
+        return (f"{len(still)} READ(s) given up earlier are still in flight from "
+                f"{sorted({p for *_, p in still})}: NIXL cannot cancel them, so no new READ "
+                "may write the destination until they end")
+
     def _release_done(self, handle: Any, rec: ReadResult) -> None:
         rec.t_end_ns = rec.t_done_ns
         try:
@@ -426,7 +454,13 @@ class NixlExecutor:
 
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
-        """Release prepped views, remove peers, deregister memory (idempotent)."""
+        """Release prepped views, remove peers, deregister memory (idempotent).  While a
+        given-up READ is still in flight the memory stays registered and referenced
+        (kept for the life of the process: freeing it would let the READ write freed
+        memory)."""
+        if self._still_held():
+            _LEAKED.append((self.agent, self._keep))
+            return
         for peer in self.peers.values():
             for h in (peer.local_view, peer.remote_view):
                 if h is not None:
@@ -439,6 +473,9 @@ class NixlExecutor:
                 _quietly(self.agent.deregister_memory, reg)
         self._reg = None
         self._extra_regs = []
+
+
+_LEAKED: list[Any] = []  # agents + buffers with READs that may still land (see close)
 
 
 def timeout_text(guard: StallGuard) -> str:

@@ -52,7 +52,10 @@ class HandshakeError(ValueError):
 # A peer's sizes come off the network, and what D builds per peer (dual views: regions x
 # runs x blocks descriptors) grows with them, so they are bounded by what the local side
 # knows (its model and its own registration) before anything is built from them.
-MAX_BLOCKS_FACTOR = 64  # a peer may have at most this many times our (logical) blocks
+MAX_BLOCKS_FACTOR = 64  # a peer may have at most this many times our (logical) blocks,
+# and never fewer than this many whatever ours (a D with a small cache still pairs with a
+# P of ordinary size; the bounded-time views are built for this scale)
+MIN_BLOCKS_CAP = 1 << 17
 MAX_KERNEL_BLOCK_SIZE = 1 << 16  # tokens per kernel block
 MAX_BLOCK_RATIO = 1 << 12  # kernel blocks per logical block
 MAX_TP = 1 << 12
@@ -70,9 +73,14 @@ class PeerCaps:
     # Kernel blocks are head-major: no plain READ maps one kernel block size onto another.
     kernel_block_size: int | None = None
 
+    @property
+    def why(self) -> str:
+        """How ``max_blocks`` was derived (for the refusal message)."""
+        return f" ({MAX_BLOCKS_FACTOR} x our {self.local_blocks} blocks, at least {MIN_BLOCKS_CAP})"
+
 
 def peer_caps(spec: HybridModelSpec, local: EngineLayout | LayoutInfo) -> PeerCaps:
-    return PeerCaps(max_blocks=MAX_BLOCKS_FACTOR * local.num_blocks,
+    return PeerCaps(max_blocks=max(MAX_BLOCKS_FACTOR * local.num_blocks, MIN_BLOCKS_CAP),
                     max_regions=len(spec.cache_layers), local_blocks=local.num_blocks,
                     kernel_block_size=local.kernel_block_size)
 
@@ -90,8 +98,7 @@ def check_peer_geometry(caps: PeerCaps, *, num_blocks: object, kernel_block_size
                         block_size: object, num_regions: int, who: str) -> None:
     """A peer's block count, block sizes and region count against ``caps``: O(1), and
     run before anything proportional to those sizes is built."""
-    check_int("num_blocks", num_blocks, 1, caps.max_blocks, who,
-              f" ({MAX_BLOCKS_FACTOR} x our {caps.local_blocks} blocks)")
+    check_int("num_blocks", num_blocks, 1, caps.max_blocks, who, caps.why)
     kernel = check_int("kernel_block_size", kernel_block_size, 1, MAX_KERNEL_BLOCK_SIZE, who)
     if caps.kernel_block_size is not None and kernel != caps.kernel_block_size:
         raise HandshakeError(f"{who}: kernel_block_size={kernel} refused: must equal ours "
@@ -375,6 +382,7 @@ def local_caps(local: HandshakeMetadata) -> PeerCaps:
 __all__ = [
     "ADDRESS_SPACE",
     "MAX_BLOCKS_FACTOR",
+    "MIN_BLOCKS_CAP",
     "MAX_BLOCK_RATIO",
     "MAX_DEVICE_ID",
     "MAX_HANDSHAKE_BYTES",

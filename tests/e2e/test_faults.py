@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,6 +59,10 @@ READ_TIMEOUT_S = 8.0  # D's hybrid_read_timeout_s
 ERROR_BOUND_S = 60.0  # a failed request must be answered within this
 IDLE_BOUND_S = LEASE_S + 45.0  # lease + vLLM's 10 s stats interval + slack on 2 cores
 PROMPT_TOKENS = 300  # crosses the 256-token block edge
+# D's KV blocks in the stall/kill pair (256 tokens each; vLLM needs one 4096-token
+# request to fit) and a prompt that needs blocks a held PROMPT_TOKENS request has
+D_BLOCKS = 24
+LONG_TOKENS = 3900
 
 
 def prompt(n: int, salt: int) -> list[int]:
@@ -105,7 +110,8 @@ class Pair:
 
 @contextlib.contextmanager
 def running_pair(tmp: Path, name: str, *, kv_extra: tuple = (), extra_env: tuple = (),
-                 decode_model: Path | None = None, model: Path) -> Iterator[Pair]:
+                 decode_model: Path | None = None, decode_args: tuple[str, ...] = (),
+                 model: Path) -> Iterator[Pair]:
     ports = Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
                   prefill_side_channel=free_port(), decode_side_channel=free_port())
     kv = (("kv_lease_duration", LEASE_S), *kv_extra)  # over serve.engines.default_kv_extra
@@ -116,9 +122,10 @@ def running_pair(tmp: Path, name: str, *, kv_extra: tuple = (), extra_env: tuple
         telemetry_db=str(run_dir / "telemetry.db"),
     )
     sup = build_supervisor(cfg, run_dir, ports)
+    cmd = next(c for c in sup.children if c.name == "decode").cmd
     if decode_model is not None:
-        cmd = next(c for c in sup.children if c.name == "decode").cmd
         cmd[cmd.index(str(model))] = str(decode_model)
+    cmd.extend(decode_args)
     host = "http://127.0.0.1"
     pair = Pair(sup, run_dir, f"{host}:{ports.proxy}", f"{host}:{ports.prefill}",
                 f"{host}:{ports.decode}")
@@ -263,12 +270,14 @@ def test_refused_handshake_fails_request_and_frees_blocks(tiny_models, tmp_path,
 
 @pytest.fixture(scope="module")
 def tcp_pair(tiny_models, tmp_path_factory) -> Iterator[Pair]:
-    """P and D with ``UCX_TLS=tcp`` and D's READ stall timeout; warmed up by one
-    successful request, so D's handshake with P is done.  The kill test ends P, so it
-    runs last (file order)."""
+    """P and D with ``UCX_TLS=tcp``, D's READ stall timeout and a small KV cache on D
+    (D_BLOCKS: a LONG_TOKENS request needs blocks a held 300-token request has); warmed
+    up by one successful request, so D's handshake with P is done.  The kill test ends
+    P, so it runs last (file order)."""
     model = tiny_models["tiny-nemotron-h"]
     with running_pair(tmp_path_factory.mktemp("faults"), "tcp", model=model,
                       extra_env=(("UCX_TLS", "tcp"),),
+                      decode_args=("--num-gpu-blocks-override", str(D_BLOCKS)),
                       kv_extra=(("hybrid_read_timeout_s", READ_TIMEOUT_S),)) as pair, \
             httpx.Client(timeout=120) as c:
         r = c.post(pair.proxy + "/v1/completions", json=body(prompt(PROMPT_TOKENS, salt=0)))
@@ -285,10 +294,9 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
     P is still stopped, and after SIGCONT both engines serve a P/D request again (tokens
     equal to D's own for the same prompt) and go back to idle.
 
-    Not asserted, printed: how P freed the aborted request's blocks.  NIXL's
-    ``release_xfer_handle`` on a READ still ``PROC`` returns at once but does not cancel
-    it: with plain agents the whole READ lands in D's buffer after the release once the
-    peer continues, and here P gets the aborted READ's notification after SIGCONT."""
+    Not asserted, printed: how P freed the aborted request's blocks.  D keeps the given-up
+    READ's handle (NIXL would not cancel it on release; see the next test), so the READ
+    completes after SIGCONT and P gets its notification, or P's lease expires first."""
     pair = tcp_pair
     rid = f"fault-stall-{uuid.uuid4().hex[:8]}"
     bound = READ_TIMEOUT_S + 20.0
@@ -333,6 +341,66 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
         print(f"idle {idle:.1f} s later; P: expired leases +{p_delta.kv_expired:.0f}, "
               f"notifications after expiry +{p_delta.notifs_after_expiry:.0f}; P freed the "
               f"aborted request's blocks by {how}")
+
+
+def stream_tokens(c: httpx.Client, base: str, payload: dict, first: threading.Event) -> list[int]:
+    """Stream a completion; ``first`` is set at its first token; its token ids."""
+    tokens: list[int] = []
+    with c.stream("POST", base + "/v1/completions", timeout=180,
+                  json={**payload, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if tokens:
+                    first.set()
+    return tokens
+
+
+def test_late_read_cannot_corrupt_the_next_request(tcp_pair):
+    """Request A's READ stalls (P SIGSTOPped) and A fails at the read timeout.  Request B
+    (LONG_TOKENS, a plain request on D) needs blocks A had: D's cache is D_BLOCKS.
+    Without a quarantine A's blocks are freed at A's failure, B runs in them, and A's
+    READ -- which NIXL does not cancel -- lands in B's state once P is continued (SIGCONT
+    as soon as B streams its first token).  With it, B waits for A's blocks until the
+    READ ended (after SIGCONT).  Either way B must equal P's own output for B (the
+    single engine), A fails within the bound, and both engines end idle."""
+    pair = tcp_pair
+    rid = f"fault-late-{uuid.uuid4().hex[:8]}"
+    bound = READ_TIMEOUT_S + 20.0
+    b_long = body(prompt(LONG_TOKENS, salt=9), max_tokens=48)
+    with httpx.Client(timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        r = c.post(pair.prefill + "/v1/completions", json=b_long, timeout=180)
+        assert r.status_code == 200, r.text
+        reference = r.json()["choices"][0]["token_ids"]
+        a = body(prompt(PROMPT_TOKENS, salt=8))
+        answer = prefill_on_p(c, pair, a["prompt"], rid)
+        pair.signal("prefill", signal.SIGSTOP)
+        try:
+            r, elapsed = timed_post(c, pair.decode, decode_request(a, answer), bound, rid)
+            d_log = pair.log("decode")
+            assert_error(r, elapsed, bound, "READ from a stopped P", d_log)
+            assert elapsed >= READ_TIMEOUT_S, f"A failed after {elapsed:.2f} s: not a stall"
+            first = threading.Event()
+            fut = pool.submit(stream_tokens, c, pair.decode, b_long, first)
+            # unprotected, B runs in A's blocks now: resume P as soon as B generates
+            started = first.wait(5.0)
+            gauges = scrape_gauges(c, pair.decode)
+        finally:
+            pair.signal("prefill", signal.SIGCONT)
+        got = fut.result(timeout=240)
+        d_log = pair.log("decode")
+        print(f"\nA failed after {elapsed:.2f} s; B started while P was stopped: "
+              f"{started}; D then: {gauges}\n"
+              + request_lines(d_log, rid))
+        assert got == reference, (
+            f"B differs from the single engine's output (A's late READ wrote B's blocks?)\n"
+            f"B:   {got}\nref: {reference}")
+        # A's held READ ended once P resumed, and then its blocks were freed
+        assert re.search(rf"req cmpl-{rid}\S*: READ completed late", d_log) or \
+            re.search(rf"req cmpl-{rid}\S*: peer disconnected", d_log), request_lines(d_log, rid)
+        assert not started, "B ran in blocks A's READ could still write"
+        wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode})
 
 
 def test_prefill_killed_during_and_before_read(tcp_pair):

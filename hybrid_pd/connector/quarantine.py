@@ -1,0 +1,175 @@
+"""Quarantine: D's blocks of a READ that the stall guard gave up stay out of vLLM's free
+pool until NIXL says that READ has ended.
+
+Why (measured with NIXL 1.5.1, UCX over TCP, ``scripts/late_read_probe.py``): releasing
+the handle of a READ still in flight returns OK but does not cancel it, and neither does
+removing the peer's agent (``check_xfer_state`` then raises NIXL_ERR_NOT_FOUND at once,
+yet all 4 MiB still land once the frozen P resumes).  Kept unreleased, the handle says
+DONE within 0.01 s of P resuming (the bytes landed) or raises
+NIXL_ERR_REMOTE_DISCONNECT within 0.02 s of P's death (nothing landed).  So:
+
+* worker (:class:`QuarantineWorkerMixin`, every D rank): at the read timeout the request
+  fails at once through upstream's failure path, but its handle is kept and polled once
+  per engine step; only DONE, ERR or a remote disconnect releases it.  While a handle is
+  held its peer counts as busy, so upstream never removes that agent (which would not
+  cancel the READ either).  Each step's changes reach the scheduler as a
+  :class:`QuarantineReport` (vLLM's worker -> scheduler metadata channel).
+* scheduler (:class:`QuarantineSchedulerMixin`): the failed request is finished (its
+  client gets the error now), but its ``finished_recving`` -- which is what makes vLLM
+  free the blocks of a request that ended while waiting for its KV -- is withheld until
+  every rank cleared it.  vLLM keeps such a request in its table and keeps stepping, so
+  the clearance is seen without new traffic.
+
+Cost, the safe side by choice: the blocks stay out of use until P resumes or dies; a P
+that stays frozen for good holds them (and keeps D stepping) for good.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+
+from hybrid_pd.transfer.reads import ReadResult, now_ns, release
+
+logger = logging.getLogger("hybrid_pd.connector")
+
+Key = tuple[int, str]  # (D rank, vLLM request id)
+
+
+@dataclass
+class QuarantineReport(KVConnectorWorkerMetadata):
+    """One engine step's quarantine changes, from every D rank (aggregated by vLLM)."""
+
+    held: set[Key] = field(default_factory=set)
+    cleared: set[Key] = field(default_factory=set)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, QuarantineReport):
+            return QuarantineReport(self.held | other.held, self.cleared | other.cleared)
+        return self
+
+
+@dataclass
+class _Held:
+    req_id: str
+    engine_id: str | None
+    rec: ReadResult
+    since_ns: int
+
+
+def _ended(agent: Any, handle: Any) -> str | None:
+    """How a held READ ended (None: still in flight, or NIXL's answer does not prove that
+    no byte can land any more)."""
+    try:
+        state = agent.check_xfer_state(handle)
+    except Exception as exc:
+        if "RemoteDisconnect" in type(exc).__name__ or "REMOTE_DISCONNECT" in str(exc):
+            return "peer disconnected (nothing more can land)"
+        return None
+    if state == "PROC":
+        return None
+    return "READ completed late (its bytes landed in the held blocks)" if state == "DONE" \
+        else f"READ ended {state}"
+
+
+class QuarantineWorkerMixin:
+    """Worker side, in front of upstream's pull worker (through the read path)."""
+
+    def _hy_quarantine(self) -> dict[str, Any]:
+        st = self.__dict__.get("_hy_q")
+        if st is None:
+            st = self.__dict__["_hy_q"] = {"held": {}, "new": set(), "cleared": set(),
+                                           "unsure": set()}
+        return st
+
+    @property
+    def hy_held(self) -> dict[Any, _Held]:
+        """Held READ handle -> what it belongs to."""
+        return self._hy_quarantine()["held"]
+
+    def hy_hold(self, req_id: str, handle: Any, rec: ReadResult) -> None:
+        """Keep a given-up READ's handle (and so its request's blocks) until it ends."""
+        w: Any = self
+        meta = w._recving_metadata.get(req_id)
+        remote = getattr(meta, "remote", None)
+        engine = getattr(remote, "engine_id", None) or rec.peer_engine or None
+        st = self._hy_quarantine()
+        st["held"][handle] = _Held(req_id, engine, rec, now_ns())
+        st["new"].add(req_id)
+        logger.warning("hybrid connector: req %s: READ from engine %s given up; its blocks "
+                       "stay held until NIXL reports the READ ended", req_id, engine)
+
+    def hy_poll_held(self) -> None:
+        """One poll of every held handle (once per engine step)."""
+        w: Any = self
+        st = self._hy_quarantine()
+        held = st["held"]
+        for handle, h in list(held.items()):
+            how = _ended(w.nixl_wrapper, handle)
+            if how is None:
+                continue
+            del held[handle]
+            err = release(w.nixl_wrapper, handle)
+            waited = (now_ns() - h.since_ns) / 1e9
+            logger.warning("hybrid connector: req %s: %s %.1f s after it was given up%s",
+                           h.req_id, how, waited, f"; handle release failed: {err}" if err else "")
+            if not any(x.req_id == h.req_id for x in held.values()):
+                st["cleared"].add(h.req_id)
+
+    def hy_quarantine_report(self) -> QuarantineReport | None:
+        """This step's changes for the scheduler (None when nothing changed)."""
+        st = self._hy_quarantine()
+        if not st["new"] and not st["cleared"]:
+            return None
+        rank = int(getattr(self, "tp_rank", 0))
+        report = QuarantineReport({(rank, r) for r in st["new"]},
+                                  {(rank, r) for r in st["cleared"]})
+        st["new"], st["cleared"] = set(), set()
+        return report
+
+    # upstream: NixlBaseConnectorWorker._engines_with_inflight_transfers (extended)
+    def _engines_with_inflight_transfers(self) -> set[str]:
+        busy = set(super()._engines_with_inflight_transfers())  # type: ignore[misc]
+        return busy | {h.engine_id for h in self.hy_held.values() if h.engine_id}
+
+
+class QuarantineSchedulerMixin:
+    """Scheduler side, in front of upstream's pull scheduler."""
+
+    def _hy_q_state(self) -> tuple[dict[str, set[int]], set[str]]:
+        st = self.__dict__.get("_hy_q_sched")
+        if st is None:
+            st = self.__dict__["_hy_q_sched"] = ({}, set())
+        return st
+
+    def hy_holds(self, req_id: str) -> bool:
+        return bool(self._hy_q_state()[0].get(req_id))
+
+    # upstream: NixlBaseConnectorScheduler.update_connector_output (extended)
+    def update_connector_output(self, connector_output: Any) -> None:
+        holding, withheld = self._hy_q_state()
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(report, QuarantineReport):
+            for rank, req in report.held:
+                holding.setdefault(req, set()).add(rank)
+            for rank, req in report.cleared:
+                holding.get(req, set()).discard(rank)
+        finished = set(connector_output.finished_recving or ())
+        for req in list(finished):
+            if holding.get(req):
+                finished.discard(req)
+                withheld.add(req)
+        for req in list(withheld):
+            if not holding.get(req):
+                withheld.discard(req)
+                finished.add(req)
+        for req in [r for r, ranks in holding.items() if not ranks and r not in withheld]:
+            del holding[req]
+        connector_output.finished_recving = finished or None
+        super().update_connector_output(connector_output)  # type: ignore[misc]
+
+
+__all__ = ["QuarantineReport", "QuarantineSchedulerMixin", "QuarantineWorkerMixin"]
