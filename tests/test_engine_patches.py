@@ -298,7 +298,7 @@ def test_upstream_tracing_span_count_1_0_1_with_the_read_path_kept(monkeypatch):
         conn_cls.__init__(conn, config, None, None)
         w = conn.connector_worker
         # the quarantine's reports reach vLLM (upstream's connector returns None)
-        assert conn.build_connector_worker_meta == w.hy_quarantine_report
+        assert conn.build_connector_worker_meta == w.hy_worker_report
         before = len(mem.get_finished_spans())
         w._recving_transfers["r1"] = [7]
         assert w._pop_done_transfers(w._recving_transfers) == ({"r1"}, set())

@@ -42,6 +42,9 @@ def test_decode_request_without_params_names_the_fix():
         decode_request({"prompt": "x"}, {"choices": []})
 
 
+MAX_LEN = 4096
+
+
 class FakeEngines:
     """Answers like vLLM's OpenAI server would; records what each engine received."""
 
@@ -53,6 +56,8 @@ class FakeEngines:
         host = request.url.host
         if request.url.path == "/health":
             return httpx.Response(200)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": MAX_LEN}]})
         body = json.loads(request.content)
         self.seen[host].append({"body": body, "headers": dict(request.headers)})
         if host == "p":
@@ -140,6 +145,8 @@ def test_timeout_is_504_not_a_hang():
 
 def test_prefill_answer_without_kv_params_is_a_prefill_error():
     def engines(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # D's model list (its max_model_len): not a request
+            return httpx.Response(404)
         assert request.url.host == "p", "D must not be asked"
         return httpx.Response(200, json={"choices": [{"text": "x"}]})
 

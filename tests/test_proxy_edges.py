@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, Counter
 
 from hybrid_pd.serve.proxy import ProxyConfig, create_app
 from hybrid_pd.settings import TRACE_PARAMS_KEY
-from tests.test_proxy import KV, FakeEngines, client_for
+from tests.test_proxy import KV, MAX_LEN, FakeEngines, client_for
 
 P, D = "http://p", "http://d"
 BASE = {"model": "m", "prompt": "hi", "max_tokens": 9}
@@ -69,6 +69,46 @@ def test_unservable_field_is_400_before_prefill(extra, param):
     assert err["param"] == param and err["code"] == 400
     assert param in err["message"] or "prompts" in err["message"]
     assert engines.seen == {"p": [], "d": []}, "P must not be asked"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_output_longer_than_the_model_is_400_before_prefill(field):
+    # P gets max_tokens=1 and would prefill; only D knows the request cannot fit
+    engines = FakeEngines()
+    with client_for(engines) as c:
+        r = c.post("/v1/completions", json={**BASE, field: MAX_LEN})
+        ok = c.post("/v1/completions", json={**BASE, field: MAX_LEN - 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert f"max_model_len is {MAX_LEN}" in r.json()["error"]["message"]
+    assert ok.status_code == 200 and len(engines.seen["p"]) == 1  # only the one that fits
+
+
+def test_unknown_max_model_len_is_asked_again_later(monkeypatch):
+    """D's model list cannot be read (D starting): the request goes on (D checks it);
+    the list is asked again only after MODELS_RETRY_S."""
+    from hybrid_pd.serve import proxy as proxy_mod
+
+    asked: list[str] = []
+    engines = FakeEngines()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            asked.append(request.url.host)
+            if len(asked) == 1:
+                return httpx.Response(503)
+        return engines(request)
+
+    clock = [1000.0]
+    monkeypatch.setattr(proxy_mod.time, "monotonic", lambda: clock[0])
+    app = create_app(ProxyConfig(P, D, timeout_s=5), transport=httpx.MockTransport(handler))
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json={**BASE, "max_tokens": MAX_LEN}).status_code == 200
+        assert c.post("/v1/completions", json={**BASE, "max_tokens": MAX_LEN}).status_code == 200
+        assert asked == ["d"]
+        clock[0] += proxy_mod.MODELS_RETRY_S + 1
+        assert c.post("/v1/completions", json={**BASE, "max_tokens": MAX_LEN}).status_code == 400
+        assert c.post("/v1/completions", json={**BASE, "max_tokens": MAX_LEN}).status_code == 400
+    assert asked == ["d", "d"]
 
 
 def test_chat_n_above_one_is_400_before_prefill():
@@ -166,6 +206,8 @@ class SlowPrefill:
         self.calls = {"p": 0, "d": 0}
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":  # D's model list: its max_model_len unknown here
+            return httpx.Response(404)
         self.calls[request.url.host] += 1
         if request.url.host == "p":
             await asyncio.sleep(self.delay)
@@ -202,7 +244,8 @@ def test_full_pool_is_503_with_retry_after_at_once():
     for r, elapsed in busy:
         assert r.headers["retry-after"] == "1" and elapsed < delay / 2, elapsed
         err = r.json()["error"]
-        assert err["type"] == "prefill_error" and "busy" in err["message"]
+        # D's slot is taken before P runs, so a saturated pair refuses before P prefills
+        assert err["type"] == "decode_error" and "busy" in err["message"]
     assert all(elapsed >= delay for _, elapsed in ok)
     assert after.status_code == 200 and streamed.status_code == 200
     assert engines.calls == {"p": limit + 2, "d": limit + 2}  # refused ones never reached P

@@ -135,6 +135,8 @@ def test_client_that_leaves_closes_the_engine_call_and_spans_say_cancelled(mem, 
 
     async def engines(request: httpx.Request) -> httpx.Response:
         host = request.url.host
+        if request.method == "GET":  # D's model list: its max_model_len unknown here
+            return httpx.Response(404)
         if host == stuck:
             in_engine.set()
             try:
@@ -156,3 +158,74 @@ def test_client_that_leaves_closes_the_engine_call_and_spans_say_cancelled(mem, 
     for name in (A.SPAN_PROXY_REQUEST, engine_span):
         assert spans[name].attributes[A.KV_STATUS] == "cancelled", name
         assert spans[name].status.status_code is StatusCode.UNSET  # the client's choice
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_stream_span_ends_with_the_stream_and_says_cancelled_if_the_client_left(mem, leave) -> None:
+    """A streamed answer: the request's span ends when the relay ends (after D's span,
+    which ends at D's headers); a client that leaves mid-stream closes D's stream and
+    the request's span says ``kv.status=cancelled`` (status unset: the client's choice)."""
+    provider, exporter = mem
+    closed: list[int] = []
+
+    async def chunks():
+        sent = 0
+        try:
+            for sent in range(1, 21):
+                yield f"data: {sent}\n\n".encode()
+                await asyncio.sleep(0.02)
+        finally:
+            closed.append(sent)
+
+    async def engines(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # D's model list: its max_model_len unknown here
+            return httpx.Response(404)
+        if request.url.host == "p":
+            return httpx.Response(200, json={"choices": [{"text": "x"}], "kv_transfer_params": KV})
+        return httpx.Response(200, content=chunks(), headers={"content-type": "text/event-stream"})
+
+    app = create_app(ProxyConfig(P, D, timeout_s=120), transport=httpx.MockTransport(engines),
+                     tracer=provider.get_tracer("test"))
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 9, "stream": True}).encode()
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    bodies: list[bytes] = []
+
+    async def run() -> None:
+        got_some = asyncio.Event()
+
+        async def receive():
+            if msgs:
+                return msgs.pop(0)
+            if leave:
+                await got_some.wait()
+            else:
+                await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                bodies.append(message["body"])
+                if len(bodies) >= 3:
+                    got_some.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions",
+                 "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("proxy", 80)}
+        await asyncio.wait_for(app(scope, receive, send), 20)
+
+    asyncio.run(run())
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root, d_span = spans[A.SPAN_PROXY_REQUEST], spans[A.SPAN_PROXY_DECODE]
+    assert root.end_time > d_span.end_time  # D's span ends at its headers
+    assert d_span.attributes.get(A.KV_STATUS) is None
+    assert root.status.status_code is StatusCode.UNSET
+    if leave:
+        assert closed and closed[0] < 20, closed  # D's stream was closed before its end
+        assert root.attributes[A.KV_STATUS] == "cancelled"
+    else:
+        assert closed == [20] and len(bodies) == 20
+        assert root.attributes.get(A.KV_STATUS) is None
+        # the whole relay (20 chunks, 20 ms apart) is inside the request's span
+        assert root.end_time - root.start_time >= 0.35e9 > d_span.end_time - d_span.start_time

@@ -87,7 +87,7 @@ class FakeUpstreamWorker:
 
     def _read_blocks_for_req(self, req_id: str, meta: Any) -> None:
         self._recving_metadata[req_id] = meta
-        self._read_blocks(SimpleNamespace(remote_rank=0), meta.remote.engine_id, req_id,
+        self._read_blocks(SimpleNamespace(remote_rank=0, local_block_ids=[[1]]), meta.remote.engine_id, req_id,
                           f"remote-{req_id}", 1, None, 2, 1, True)
 
     def _compute_desc_ids(self, block_ids: Any, dst_num_blocks: int, block_size_ratio: Any,
@@ -179,7 +179,7 @@ class Guarded(ReadPathWorkerMixin, FakeUpstreamWorker):
 
 
 def post(w: Any, rid: str) -> None:
-    w._read_blocks(SimpleNamespace(remote_rank=0), "prefill-engine", rid, f"remote-{rid}", 1,
+    w._read_blocks(SimpleNamespace(remote_rank=0, local_block_ids=[[1]]), "prefill-engine", rid, f"remote-{rid}", 1,
                    None, 2, 1, True)
 
 
@@ -302,7 +302,8 @@ def test_prefill_hold_span_ends_at_notification_or_lease_expiry(spans: InMemoryS
 
 
 class FakeScheduler:
-    def __init__(self) -> None:
+    def __init__(self, tp: int = 1) -> None:
+        self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp))
         self._reqs_need_recv: dict[str, tuple[Any, ...]] = {}
         self._reqs_need_send: dict[str, float] = {}
 
@@ -312,6 +313,9 @@ class FakeScheduler:
 
     def update_connector_output(self, connector_output: Any) -> None:
         self.outputs = [*getattr(self, "outputs", []), connector_output]
+
+    def has_pending_push_work(self) -> bool:
+        return False
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         meta = SimpleNamespace(reqs_to_send=self._reqs_need_send, reqs_to_recv=dict(self._reqs_need_recv))

@@ -12,8 +12,8 @@ NIXL_ERR_REMOTE_DISCONNECT within 0.02 s of P's death (nothing landed).  So:
   fails at once through upstream's failure path, but its handle is kept and polled once
   per engine step; only DONE, ERR or a remote disconnect releases it.  While a handle is
   held its peer counts as busy, so upstream never removes that agent (which would not
-  cancel the READ either).  Each step's changes reach the scheduler as a
-  :class:`QuarantineReport` (vLLM's worker -> scheduler metadata channel).
+  cancel the READ either).  Each step's changes reach the scheduler in the step's
+  :class:`~.reports.WorkerReport` (``held`` / ``cleared``).
 * scheduler (:class:`QuarantineSchedulerMixin`): the failed request is finished (its
   client gets the error now), but its ``finished_recving`` -- which is what makes vLLM
   free the blocks of a request that ended while waiting for its KV -- is withheld until
@@ -27,29 +27,13 @@ that stays frozen for good holds them (and keeps D stepping) for good.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
-
+from hybrid_pd.connector.reports import WorkerReport, pending_report
 from hybrid_pd.transfer.reads import ReadResult, now_ns, release
 
 logger = logging.getLogger("hybrid_pd.connector")
-
-Key = tuple[int, str]  # (D rank, vLLM request id)
-
-
-@dataclass
-class QuarantineReport(KVConnectorWorkerMetadata):
-    """One engine step's quarantine changes, from every D rank (aggregated by vLLM)."""
-
-    held: set[Key] = field(default_factory=set)
-    cleared: set[Key] = field(default_factory=set)
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        if isinstance(other, QuarantineReport):
-            return QuarantineReport(self.held | other.held, self.cleared | other.cleared)
-        return self
 
 
 @dataclass
@@ -78,17 +62,16 @@ def _ended(agent: Any, handle: Any) -> str | None:
 class QuarantineWorkerMixin:
     """Worker side, in front of upstream's pull worker (through the read path)."""
 
-    def _hy_quarantine(self) -> dict[str, Any]:
-        st = self.__dict__.get("_hy_q")
-        if st is None:
-            st = self.__dict__["_hy_q"] = {"held": {}, "new": set(), "cleared": set(),
-                                           "unsure": set()}
-        return st
-
     @property
     def hy_held(self) -> dict[Any, _Held]:
         """Held READ handle -> what it belongs to."""
-        return self._hy_quarantine()["held"]
+        held = self.__dict__.get("_hy_held")
+        if held is None:
+            held = self.__dict__["_hy_held"] = {}
+        return held
+
+    def _hy_rank(self) -> int:
+        return int(getattr(self, "tp_rank", 0))
 
     def hy_hold(self, req_id: str, handle: Any, rec: ReadResult) -> None:
         """Keep a given-up READ's handle (and so its request's blocks) until it ends."""
@@ -96,17 +79,15 @@ class QuarantineWorkerMixin:
         meta = w._recving_metadata.get(req_id)
         remote = getattr(meta, "remote", None)
         engine = getattr(remote, "engine_id", None) or rec.peer_engine or None
-        st = self._hy_quarantine()
-        st["held"][handle] = _Held(req_id, engine, rec, now_ns())
-        st["new"].add(req_id)
+        self.hy_held[handle] = _Held(req_id, engine, rec, now_ns())
+        pending_report(self).held.add((self._hy_rank(), req_id))
         logger.warning("hybrid connector: req %s: READ from engine %s given up; its blocks "
                        "stay held until NIXL reports the READ ended", req_id, engine)
 
     def hy_poll_held(self) -> None:
         """One poll of every held handle (once per engine step)."""
         w: Any = self
-        st = self._hy_quarantine()
-        held = st["held"]
+        held = self.hy_held
         for handle, h in list(held.items()):
             how = _ended(w.nixl_wrapper, handle)
             if how is None:
@@ -117,18 +98,7 @@ class QuarantineWorkerMixin:
             logger.warning("hybrid connector: req %s: %s %.1f s after it was given up%s",
                            h.req_id, how, waited, f"; handle release failed: {err}" if err else "")
             if not any(x.req_id == h.req_id for x in held.values()):
-                st["cleared"].add(h.req_id)
-
-    def hy_quarantine_report(self) -> QuarantineReport | None:
-        """This step's changes for the scheduler (None when nothing changed)."""
-        st = self._hy_quarantine()
-        if not st["new"] and not st["cleared"]:
-            return None
-        rank = int(getattr(self, "tp_rank", 0))
-        report = QuarantineReport({(rank, r) for r in st["new"]},
-                                  {(rank, r) for r in st["cleared"]})
-        st["new"], st["cleared"] = set(), set()
-        return report
+                pending_report(self).cleared.add((self._hy_rank(), h.req_id))
 
     # upstream: NixlBaseConnectorWorker._engines_with_inflight_transfers (extended)
     def _engines_with_inflight_transfers(self) -> set[str]:
@@ -152,7 +122,7 @@ class QuarantineSchedulerMixin:
     def update_connector_output(self, connector_output: Any) -> None:
         holding, withheld = self._hy_q_state()
         report = getattr(connector_output, "kv_connector_worker_meta", None)
-        if isinstance(report, QuarantineReport):
+        if isinstance(report, WorkerReport):
             for rank, req in report.held:
                 holding.setdefault(req, set()).add(rank)
             for rank, req in report.cleared:
@@ -172,4 +142,4 @@ class QuarantineSchedulerMixin:
         super().update_connector_output(connector_output)  # type: ignore[misc]
 
 
-__all__ = ["QuarantineReport", "QuarantineSchedulerMixin", "QuarantineWorkerMixin"]
+__all__ = ["QuarantineSchedulerMixin", "QuarantineWorkerMixin"]

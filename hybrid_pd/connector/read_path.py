@@ -31,6 +31,7 @@ import logging
 from typing import Any
 
 from hybrid_pd.connector.quarantine import QuarantineWorkerMixin
+from hybrid_pd.connector.reports import NotifyWorkerMixin, take_report
 from hybrid_pd.settings import KEY_READ_TIMEOUT
 from hybrid_pd.transfer.reads import ReadResult, StallGuard, now_ns, poll_read
 
@@ -47,7 +48,7 @@ def stall_guard_from(extra: dict[str, Any] | None) -> StallGuard:
     return StallGuard.parse(value, f"kv_connector_extra_config.{KEY_READ_TIMEOUT}")
 
 
-class ReadPathWorkerMixin(QuarantineWorkerMixin):
+class ReadPathWorkerMixin(QuarantineWorkerMixin, NotifyWorkerMixin):
     """Front of a ``NixlPullConnectorWorker`` (ours or upstream's); see the module doc.
 
     State is created lazily (``_hy_path``): the upstream tracing patch swaps this class
@@ -71,6 +72,11 @@ class ReadPathWorkerMixin(QuarantineWorkerMixin):
     def hy_reads(self) -> dict[Any, ReadResult]:
         """Posted READ handle -> its record, until its outcome was reported."""
         return self._hy_path()["reads"]
+
+    def hy_worker_report(self) -> Any:
+        """This step's :class:`~.reports.WorkerReport` for vLLM (None: no news); vLLM
+        asks once per step, after the transfer results (``build_connector_worker_meta``)."""
+        return take_report(self)
 
     # -- hooks for the tracing layer (no-ops here) --------------------------------------
     def _hy_read_finished(self, rec: ReadResult) -> None:

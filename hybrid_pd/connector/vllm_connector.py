@@ -37,8 +37,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 
 from hybrid_pd.connector import contract
 from hybrid_pd.connector.hybrid_worker import HybridWorkerCore
-from hybrid_pd.connector.quarantine import QuarantineReport, QuarantineSchedulerMixin
+from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
 from hybrid_pd.connector.read_path import ReadPathWorkerMixin
+from hybrid_pd.connector.reports import NotifySchedulerMixin, WorkerReport
 from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
 if TYPE_CHECKING:
@@ -52,10 +53,11 @@ class HybridNixlWorker(TracedWorkerMixin, ReadPathWorkerMixin, HybridWorkerCore)
     HY_CONNECTOR = "hybrid"
 
 
-class HybridNixlScheduler(TracedSchedulerMixin, QuarantineSchedulerMixin,
+class HybridNixlScheduler(TracedSchedulerMixin, QuarantineSchedulerMixin, NotifySchedulerMixin,
                           NixlPullConnectorScheduler):
-    """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers
-    and withholding the blocks of quarantined READs (:mod:`.quarantine`)."""
+    """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers,
+    withholding the blocks of quarantined READs (:mod:`.quarantine`) and stepping until
+    P's notification for a refused request went out (:mod:`.reports`)."""
 
 
 class HybridNixlConnector(NixlPullConnector):
@@ -79,9 +81,9 @@ class HybridNixlConnector(NixlPullConnector):
         else:
             raise ValueError(f"unsupported KVConnectorRole: {role}")
 
-    def build_connector_worker_meta(self) -> QuarantineReport | None:
-        """The worker's quarantine changes this step (vLLM hands them to the scheduler)."""
-        return self.connector_worker.hy_quarantine_report() if self.connector_worker else None
+    def build_connector_worker_meta(self) -> WorkerReport | None:
+        """The worker's news this step (vLLM hands it to the scheduler)."""
+        return self.connector_worker.hy_worker_report() if self.connector_worker else None
 
 
 __all__ = ["HybridNixlConnector", "HybridNixlScheduler", "HybridNixlWorker"]

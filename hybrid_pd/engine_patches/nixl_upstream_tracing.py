@@ -55,6 +55,7 @@ def _classes() -> dict[str, type]:
 
     from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
     from hybrid_pd.connector.read_path import ReadPathWorkerMixin
+    from hybrid_pd.connector.reports import NotifySchedulerMixin
     from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
     def make(name: str, *bases: type, **ns: Any) -> type:
@@ -68,9 +69,10 @@ def _classes() -> dict[str, type]:
         "traced": make("TracedNixlPullConnectorWorker", TracedWorkerMixin, ReadPathWorkerMixin,
                        NixlPullConnectorWorker, HY_CONNECTOR="upstream"),
         "q_scheduler": make("QuarantineNixlPullConnectorScheduler", QuarantineSchedulerMixin,
-                            NixlPullConnectorScheduler),
+                            NotifySchedulerMixin, NixlPullConnectorScheduler),
         "traced_scheduler": make("TracedNixlPullConnectorScheduler", TracedSchedulerMixin,
-                                 QuarantineSchedulerMixin, NixlPullConnectorScheduler),
+                                 QuarantineSchedulerMixin, NotifySchedulerMixin,
+                                 NixlPullConnectorScheduler),
     }
 
 
@@ -114,16 +116,16 @@ def _swap(instance: Any, moves: dict[str, tuple[tuple[type, ...], type]], patch:
 
 def read_path_connector(instance: Any) -> bool:
     """Put the shared read path (polling records, stall guard, quarantine) in front of
-    the worker upstream's ``NixlPullConnector.__init__`` just built, the quarantine's
-    scheduler half in front of its scheduler, and hand the worker's quarantine reports
-    to vLLM (``build_connector_worker_meta``, which upstream leaves at None)."""
+    the worker upstream's ``NixlPullConnector.__init__`` just built, the quarantine's and
+    the notification's scheduler halves in front of its scheduler, and hand the worker's
+    reports to vLLM (``build_connector_worker_meta``, which upstream leaves at None)."""
     c = _classes()
     moved = _swap(instance, {"worker": ((c["worker"],), c["read_path"]),
                              "scheduler": ((c["scheduler"],), c["q_scheduler"])},
                   "nixl-upstream-read-path")
     worker = getattr(instance, "connector_worker", None)
     if moved and worker is not None:
-        instance.build_connector_worker_meta = worker.hy_quarantine_report
+        instance.build_connector_worker_meta = worker.hy_worker_report
     return moved
 
 

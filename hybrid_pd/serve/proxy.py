@@ -31,11 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import hmac
-import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -49,8 +48,23 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hybrid_pd.serve.engines import DEFAULT_HOST, DEFAULT_PROXY_TIMEOUT_S
-from hybrid_pd.serve.proxy_calls import POOL_MAX_CONNECTIONS, EngineClient, EngineError
-from hybrid_pd.settings import ENV_API_KEY, PORT_PROXY, TRACE_PARAMS_KEY
+from hybrid_pd.serve.proxy_calls import (
+    POOL_MAX_CONNECTIONS,
+    EngineClient,
+    EngineError,
+    Relayed,
+    Slot,
+)
+from hybrid_pd.serve.proxy_requests import (
+    check_length,
+    check_request,
+    decode_request,
+    normalize_request,
+    parse_body,
+    prefill_request,
+    with_trace,
+)
+from hybrid_pd.settings import ENV_API_KEY, PORT_PROXY
 from hybrid_pd.telemetry import attributes as A
 
 # Tracer and logger name, independent of where this module lives: stored spans and log
@@ -58,125 +72,12 @@ from hybrid_pd.telemetry import attributes as A
 INSTRUMENTATION_NAME = "hybrid_pd.proxy"
 logger = logging.getLogger(INSTRUMENTATION_NAME)
 
-# Fields that must not reach P: P only prefills one token, which is thrown away.
-# min_tokens: P refuses min_tokens > max_tokens=1; logprobs/top_logprobs: only D's tokens
-# are the answer; kv_transfer_params: the client's never reach an engine (we set P's).
-_PREFILL_DROP = ("stream", "stream_options", "max_completion_tokens", "n", "best_of",
-                 "min_tokens", "logprobs", "top_logprobs", "kv_transfer_params")
 # How often a request waiting on an engine checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nobody reads it: the client has gone
+MODELS_RETRY_S = 60.0  # D's model list could not be read: ask again after this long
 # Request headers every engine call carries on.
 _FORWARDED = ("authorization", "traceparent", "tracestate")
-
-
-# -- pure request rewriting (unit-tested without servers) ------------------------------
-
-
-def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """(the request body, None) or (None, why it is not a JSON object)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"body is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"body is not JSON: {exc}"
-    except RecursionError:
-        return None, "body is not JSON: nested too deeply"
-    if not isinstance(body, dict):
-        return None, f"body must be a JSON object, not {type(body).__name__}"
-    return body, None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_batch(prompt: object) -> bool:
-    # A list of ints is one token-id prompt; a list of strings or of lists is a batch.
-    return isinstance(prompt, list) and any(isinstance(p, (str, list)) for p in prompt)
-
-
-# What P/D can serve, field by field (checked before P runs, so a refused request never
-# holds blocks on P that D would not read):
-# - n, best_of > 1: several sequences from one prompt; the P/D hand-off is one request's
-#   blocks for one D request, and vLLM's connector does not fan it out -> 400.
-# - prompt_logprobs (and echo with logprobs, which asks for them too): computed while
-#   prefilling, on P; D loads the prompt's KV and never sees those logits -> 400.
-# - a batch prompt of several prompts: one KV hand-off per request -> 400; a batch of
-#   one is that prompt (same answer shape), so it is unwrapped.
-# - stream_options without stream: vLLM refuses it, but only on D, after P has
-#   prefilled -> 400 here.
-# - min_tokens: D honours it; P must not get it (its max_tokens is 1); above max_tokens
-#   D would refuse after P ran -> 400 here.
-# - logprobs / top_logprobs: D samples the answer, so D computes them; P does not get them.
-# - a token-id prompt (list of ints): passes through to both engines unchanged.
-def check_request(body: dict[str, Any]) -> tuple[str, str] | None:
-    """(field, why) when P/D cannot serve ``body``; None when it can."""
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is not None and not (_is_int(value) and value == 1):
-            return name, f"'{name}' must be 1 (got {value!r}): disaggregated P/D serves one sequence per request"
-    if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
-        return "prompt_logprobs", ("prompt logprobs ('prompt_logprobs', or 'echo' with 'logprobs') are not "
-                                   "available: the prompt is prefilled on another engine")
-    prompt = body.get("prompt")
-    if _is_batch(prompt) and len(prompt) > 1:
-        return "prompt", f"batch of {len(prompt)} prompts: send one prompt per request through the P/D proxy"
-    if body.get("stream_options") is not None and not body.get("stream"):
-        return "stream_options", "'stream_options' is only allowed with 'stream': true"
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    least = body.get("min_tokens")
-    if _is_int(least) and _is_int(limit) and least > limit:
-        return "min_tokens", f"'min_tokens' ({least}) is above the maximum tokens ({limit})"
-    return None
-
-
-def normalize_request(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as both engines get it: a batch of one prompt becomes that prompt."""
-    prompt = body.get("prompt")
-    if _is_batch(prompt) and len(prompt) == 1:
-        return {**body, "prompt": prompt[0]}
-    return body
-
-
-def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The body P gets: one token, no streaming, and the remote-decode marker (vLLM's
-    connectors read only ``do_remote_decode`` from it)."""
-    out = {k: v for k, v in copy.deepcopy(body).items() if k not in _PREFILL_DROP}
-    out["max_tokens"] = 1
-    out["stream"] = False
-    out["kv_transfer_params"] = {"do_remote_decode": True}
-    return out
-
-
-def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str]) -> dict[str, Any]:
-    """``body`` with the trace hand-off for the engines' KV connector added to its
-    ``kv_transfer_params``: the ``traceparent``/``tracestate`` of the engine call
-    (``headers``, as sent) and our request id, so the connector's spans join the trace
-    under that call (see :mod:`hybrid_pd.telemetry.engine`)."""
-    hand_off = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
-    hand_off["request_id"] = request_id
-    out = dict(body)
-    out["kv_transfer_params"] = {**out["kv_transfer_params"], TRACE_PARAMS_KEY: hand_off}
-    return out
-
-
-def decode_request(body: dict[str, Any], prefill_response: dict[str, Any]) -> dict[str, Any]:
-    """The body D gets: the user's request plus P's kv_transfer_params, unchanged."""
-    params = prefill_response.get("kv_transfer_params")
-    if not isinstance(params, dict):
-        raise EngineError(
-            "prefill",
-            502,
-            "answer has no kv_transfer_params: is the prefill engine started with a KV "
-            "connector and kv_role=kv_producer (hybrid-pd serve does this)?",
-        )
-    out = copy.deepcopy(body)
-    out["kv_transfer_params"] = params
-    return out
 
 
 def forward_headers(request: Request, request_id: str) -> dict[str, str]:
@@ -255,6 +156,16 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, Respons
         task.cancel()  # no-op when done; the proxy itself being cancelled stops the call
 
 
+def end_stream_span(span: Span, outcome: str, request_id: str) -> None:
+    """End a streamed request's span with how its relay ended (see ``Relayed``)."""
+    if outcome == "cancelled":
+        mark_cancelled(span)
+        logger.info("request %s: the client left mid-stream; D's stream was closed", request_id)
+    elif outcome.startswith("failed: ") and span.is_recording():
+        A.mark_failed(span, outcome[len("failed: "):])
+    span.end()
+
+
 def mark_engine_error(span: Span, exc: EngineError) -> None:
     if span.is_recording():
         A.mark_failed(span, f"{exc.engine} engine: HTTP {exc.status}", exc)
@@ -285,6 +196,8 @@ class PDProxy:
         self.prefill = prefill
         self.decode = decode
         self.tracer = tracer
+        # D's max_model_len per served model, and when to ask again if unknown
+        self._max_lens: dict[str, tuple[int | None, float]] = {}
 
     async def handle(self, request: Request, path: str) -> Response:
         body, error = parse_body(await request.body())
@@ -296,25 +209,70 @@ class PDProxy:
         body = normalize_request(body)
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         headers = forward_headers(request, request_id)
-        with self._request_span(request) as root:
-            describe_request(root, body, path, request_id)
-            try:
-                answer = await until_disconnected(
-                    request, self._prefill_then_decode(path, body, request_id, headers))
-            except EngineError as exc:
-                mark_engine_error(root, exc)
-                logger.warning("request %s failed: %s", request_id, exc)
-                return exc.to_response()
-            if answer is None:
-                mark_cancelled(root)
-                logger.info("request %s: the client left; its engine call was closed", request_id)
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            return answer
+        problem = check_length(body, await self._max_model_len(body.get("model"), headers))
+        if problem is not None:
+            return invalid_request(problem[1], param=problem[0])
+        root = self._request_span(request)
+        try:
+            with trace.use_span(root, end_on_exit=False, record_exception=False,
+                                set_status_on_exception=False):
+                describe_request(root, body, path, request_id)
+                answer = await self._answer(request, path, body, request_id, headers, root)
+        except BaseException:
+            root.end()
+            raise
+        if isinstance(answer, Relayed):  # the request's span ends with the stream
+            answer.when_ended(lambda outcome: end_stream_span(root, outcome, request_id))
+        else:
+            root.end()
+        return answer
+
+    async def _max_model_len(self, model: object, headers: dict) -> int | None:
+        """D's ``max_model_len`` for ``model`` from its ``/v1/models`` (asked once per
+        model, with the caller's credentials; a failed ask is retried after
+        MODELS_RETRY_S); None when D does not say."""
+        if not isinstance(model, str):
+            return None
+        known = self._max_lens.get(model)
+        if known is not None and (known[0] is not None or time.monotonic() < known[1]):
+            return known[0]
+        try:
+            resp = await self.decode.get(self.config.decode_url + "/v1/models", headers)
+            listed = {m.get("id"): m.get("max_model_len") for m in resp.json()["data"]}
+        except (EngineError, ValueError, KeyError, TypeError, AttributeError):
+            listed = {}  # D may be starting, or not say: D itself still checks
+        retry_at = time.monotonic() + MODELS_RETRY_S
+        for name, limit in listed.items():
+            if isinstance(name, str) and isinstance(limit, int):
+                self._max_lens[name] = (limit, retry_at)
+        self._max_lens.setdefault(model, (None, retry_at))
+        return self._max_lens[model][0]
+
+    async def _answer(self, request: Request, path: str, body: dict, request_id: str,
+                      headers: dict, root: Span) -> Response:
+        try:
+            answer = await until_disconnected(
+                request, self._prefill_then_decode(path, body, request_id, headers))
+        except EngineError as exc:
+            mark_engine_error(root, exc)
+            logger.warning("request %s failed: %s", request_id, exc)
+            return exc.to_response()
+        if answer is None:
+            mark_cancelled(root)
+            logger.info("request %s: the client left; its engine call was closed", request_id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return answer
 
     async def _prefill_then_decode(self, path: str, body: dict, request_id: str,
                                    headers: dict) -> Response:
-        p_answer = await self._prefill(path, body, request_id, headers)
-        return await self._decode(path, body, p_answer, request_id, headers)
+        # D's slot first: when D is saturated the answer is 503 before P prefills anything
+        # (P would otherwise hold the blocks for a D call that never comes).
+        slot = self.decode.reserve()
+        try:
+            p_answer = await self._prefill(path, body, request_id, headers)
+            return await self._decode(path, body, p_answer, request_id, headers, slot)
+        finally:
+            slot.give_back()  # no-op once the D call took it over
 
     async def _prefill(self, path: str, body: dict, request_id: str, headers: dict) -> dict:
         """P's answer, which carries the kv_transfer_params D needs."""
@@ -324,7 +282,7 @@ class PDProxy:
             return await self.prefill.post_json(self.config.prefill_url + path, p_body, p_headers)
 
     async def _decode(self, path: str, body: dict, p_answer: dict, request_id: str,
-                      headers: dict) -> Response:
+                      headers: dict, slot: Slot) -> Response:
         # Outside D's span: an answer without kv_transfer_params is P's failure.
         d_body = decode_request(body, p_answer)
         url = self.config.decode_url + path
@@ -332,15 +290,16 @@ class PDProxy:
             d_headers = traced_headers(headers)
             d_body = with_trace(d_body, request_id, d_headers)
             if body.get("stream"):
-                # The span covers the call up to the response headers; the stream itself
-                # is relayed after the span ends.
-                return await self.decode.post_stream(url, d_body, d_headers)
-            d_answer = await self.decode.post_json(url, d_body, d_headers)
+                # D's span covers the call up to the response headers; the request's span
+                # goes on to the end of the stream (handle).
+                return await self.decode.post_stream(url, d_body, d_headers, slot)
+            d_answer = await self.decode.post_json(url, d_body, d_headers, slot)
         return JSONResponse(content=d_answer, headers={"X-Request-Id": request_id})
 
-    def _request_span(self, request: Request) -> contextlib.AbstractContextManager[Span]:
-        # Continue the caller's trace (W3C traceparent) when it sent one.
-        return self.tracer.start_as_current_span(
+    def _request_span(self, request: Request) -> Span:
+        # Continue the caller's trace (W3C traceparent) when it sent one.  Started, not
+        # entered: a streamed answer ends it when the stream ends.
+        return self.tracer.start_span(
             A.SPAN_PROXY_REQUEST, context=propagate.extract(dict(request.headers)),
             kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
         )

@@ -103,13 +103,13 @@ class EngineClient:
         if self._client is not None:
             await self._client.aclose()
 
-    def _take_slot(self) -> None:
+    def reserve(self) -> Slot:
+        """One of this engine's call slots, taken now (503 at once when none is free);
+        hand it to one call, which gives it back, or give it back yourself."""
         if self._in_flight >= self.max_connections:
             raise busy(self.engine, self.max_connections)
         self._in_flight += 1
-
-    def _give_slot(self) -> None:
-        self._in_flight -= 1
+        return Slot(self)
 
     def _call_error(self, url: str, exc: httpx.HTTPError) -> EngineError:
         if isinstance(exc, httpx.PoolTimeout):  # before TimeoutException, its base class
@@ -118,14 +118,15 @@ class EngineClient:
             return EngineError(self.engine, 504, f"no answer within {self.timeout_s:.0f} s ({exc!r})")
         return EngineError(self.engine, 502, f"unreachable at {url}: {exc!r}")
 
-    async def post_json(self, url: str, body: dict, headers: dict) -> dict[str, Any]:
-        self._take_slot()
+    async def post_json(self, url: str, body: dict, headers: dict,
+                        slot: Slot | None = None) -> dict[str, Any]:
+        slot = slot or self.reserve()
         try:
             resp = await self.http.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise self._call_error(url, exc) from exc
         finally:
-            self._give_slot()
+            slot.give_back()
         if resp.status_code >= 400:
             raise EngineError(self.engine, resp.status_code, error_text(resp))
         try:
@@ -133,10 +134,11 @@ class EngineClient:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EngineError(self.engine, 502, f"answer is not JSON: {resp.text[:200]!r}") from exc
 
-    async def post_stream(self, url: str, body: dict, headers: dict) -> StreamingResponse:
+    async def post_stream(self, url: str, body: dict, headers: dict,
+                          slot: Slot | None = None) -> Relayed:
         """POST with a streamed answer; returns once the engine's headers are in, relaying
         the body (server-sent events) as it comes.  The slot is held until the relay ends."""
-        self._take_slot()
+        slot = slot or self.reserve()
         relaying = False
         try:
             req = self.http.build_request("POST", url, json=body, headers=headers)
@@ -149,13 +151,13 @@ class EngineClient:
                 await resp.aclose()
                 raise EngineError(self.engine, resp.status_code, error_text(resp))
             relaying = True
-            close = _Closer(resp, self._give_slot)
-            return _Relayed(self._relay(resp, close), close,
-                            media_type="text/event-stream",
-                            headers={"X-Request-Id": headers["X-Request-Id"]})
+            close = _Closer(resp, slot.give_back)
+            return Relayed(self._relay(resp, close), close,
+                           media_type="text/event-stream",
+                           headers={"X-Request-Id": headers["X-Request-Id"]})
         finally:
             if not relaying:
-                self._give_slot()
+                slot.give_back()
 
     async def get(self, url: str, headers: dict) -> httpx.Response:
         """A plain GET (the model list); any failure is a 502."""
@@ -176,20 +178,38 @@ class EngineClient:
         try:
             async for chunk in resp.aiter_bytes():
                 yield chunk
+            close.outcome = "done"
         except httpx.HTTPError as exc:
             # Headers are already sent: the error goes into the SSE stream itself.
-            err = {"error": {"message": f"{self.engine} engine: stream broke: {exc!r}",
+            close.outcome = f"failed: {self.engine} engine: stream broke: {exc!r}"
+            err = {"error": {"message": close.outcome[len("failed: "):],
                              "type": f"{self.engine}_error"}}
             yield f"data: {json.dumps(err)}\n\n".encode()
         finally:
             await close()
 
 
+class Slot:
+    """One call slot of an engine; given back once, whoever gets there first."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self._client: EngineClient | None = client
+
+    def give_back(self) -> None:
+        if self._client is not None:
+            self._client._in_flight -= 1
+            self._client = None
+
+
 class _Closer:
-    """Closes a streamed engine answer and frees its slot, once, whoever gets there first."""
+    """Closes a streamed engine answer and frees its slot, once, whoever gets there first;
+    then tells the callbacks how the relay ended: "done", "failed: <why>" or
+    "cancelled" (the caller left before the end)."""
 
     def __init__(self, resp: httpx.Response, give_slot: Callable[[], None]) -> None:
         self._resp, self._give_slot, self._done = resp, give_slot, False
+        self.outcome = "cancelled"
+        self.callbacks: list[Callable[[str], None]] = []
 
     async def __call__(self) -> None:
         if self._done:
@@ -197,15 +217,22 @@ class _Closer:
         self._done = True
         self._give_slot()
         await self._resp.aclose()
+        for callback in self.callbacks:
+            callback(self.outcome)
 
 
-class _Relayed(StreamingResponse):
+class Relayed(StreamingResponse):
     """A relayed stream that closes the engine's answer even when the caller leaves
     before the first chunk (the relay generator then never runs its ``finally``)."""
 
     def __init__(self, content: AsyncIterator[bytes], close: _Closer, **kw: Any) -> None:
         super().__init__(content, **kw)
         self._close = close
+
+    def when_ended(self, callback: Callable[[str], None]) -> None:
+        """``callback(outcome)`` once the relay ended: "done", "failed: <why>" or
+        "cancelled"."""
+        self._close.callbacks.append(callback)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
