@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -227,9 +228,9 @@ def test_dual_view_ids_match_descriptors() -> None:
             templates = {t.prefill_rank: t for t in peer_templates(TINY_SPEC, d, p, rank)}
             for read in plan.reads:
                 t = templates[read.prefill_rank]
-                lv, rv = dual_view(d, t, "local"), dual_view(p, t, "remote")
-                assert [lv[i] for i in read.local_ids] == list(read.local)
-                assert [rv[i] for i in read.remote_ids] == list(read.remote)
+                lv, rv = dual_view(d, t, "local").tolist(), dual_view(p, t, "remote").tolist()
+                assert [tuple(lv[i]) for i in read.local_ids] == list(read.local)
+                assert [tuple(rv[i]) for i in read.remote_ids] == list(read.remote)
 
 
 def test_merge_descs_requires_both_sides_contiguous() -> None:
@@ -240,7 +241,8 @@ def test_merge_descs_requires_both_sides_contiguous() -> None:
 
 
 def test_to_addr_descs() -> None:
-    assert to_addr_descs([(8, 4, 1)], [1000, 2000], [100, 100], dev=3) == ((2008, 4, 3),)
+    out = to_addr_descs([(8, 4, 1)], [1000, 2000], [100, 100], dev=3)
+    assert out.dtype == np.uint64 and out.tolist() == [[2008, 4, 3]]
     with pytest.raises(ValueError, match="outside region 1"):
         to_addr_descs([(98, 4, 1)], [1000, 2000], [100, 100])
     with pytest.raises(ValueError, match="overlap"):

@@ -139,7 +139,8 @@ def test_read_ids_index_the_dual_views_at_the_planned_bytes():
     gives exactly the planner's (offset, length, region) descriptor, both sides."""
     spec, lay = tiny_spec(), tiny_layout()
     (tmpl,) = peer_templates(spec, lay, lay, 0)
-    local, remote = dual_view(lay, tmpl, "local"), dual_view(lay, tmpl, "remote")
+    local, remote = (list(map(tuple, dual_view(lay, tmpl, side).tolist()))
+                     for side in ("local", "remote"))
     # FA section: 2 regions x 1 run x 40 kernel blocks; Mamba: 2 regions x 2 runs x 40
     assert len(local) == 2 * 40 + 2 * 2 * 40
     aligned = vm.align_request(kinds=KINDS, decode_block_ids=([7], [8], [1, 2, 3]),
@@ -193,7 +194,8 @@ def test_hetero_tp_per_peer_views_cover_the_d_shard_once(p_tp, d_tp, n_groups):
         assert set(plan.prefill_ranks) == set(templates)  # one READ per P rank
         covered: list[tuple[int, int, int]] = []
         for p_rank, tmpl in templates.items():
-            local, remote = dual_view(dl, tmpl, "local"), dual_view(pl, tmpl, "remote")
+            local = list(map(tuple, dual_view(dl, tmpl, "local").tolist()))
+            remote = list(map(tuple, dual_view(pl, tmpl, "remote").tolist()))
             (read,) = [r for r in plan.reads if r.prefill_rank == p_rank]
             assert vm.read_from(plan, p_rank) is read
             lids, rids = read.local_ids, read.remote_ids

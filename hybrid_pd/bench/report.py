@@ -53,7 +53,7 @@ def results(case: BenchCase, m: Measurements, leases: dict[int, dict[str, str]],
         "verified": not m.mismatches and not m.failures,
         "bytes_total": m.bytes_total,
         "descriptors_total": sum(p.descriptors for p in case.plans.values()),
-        "descriptor_units_total": sum(len(r.local_ids) for p in case.unmerged_plans.values()
+        "descriptor_units_total": sum(len(r.local_id_array) for p in case.unmerged_plans.values()
                                       for r in p.reads),
         "nixl_desc_count_rank0": m.nixl_descs,
         "reads_per_request": m.reads_per_request,

@@ -37,6 +37,10 @@ HYBRID = "hybrid"  # HybridNixlConnector: _HybridWorkerCore and the connector fa
 TRACING = "tracing"
 ALL_USERS = frozenset({HYBRID, TRACING})
 _H, _T, _HT = frozenset({HYBRID}), frozenset({TRACING}), ALL_USERS
+# ``hybrid-pd plan --bench`` (hybrid_pd.bench.plan_timing): sets these on an uninitialised
+# upstream worker to time upstream's _compute_desc_ids; checked like the rest.
+BENCH = "bench"
+_B = frozenset({BENCH})
 
 _V1 = "vllm.distributed.kv_transfer.kv_connector.v1"
 _NIXL = f"{_V1}.nixl"
@@ -141,7 +145,8 @@ METHODS: tuple[Method, ...] = (
            ("self", "read_spec", "dst_engine_id", "request_id", "remote_request_id",
             "local_xfer_side_handle", "local_dram_handle", "remote_xfer_side_handle",
             "expected_consumers", "awaiting_kvs")),
-    Method("worker", "_compute_desc_ids", "tracing times upstream's", _T,
+    Method("worker", "_compute_desc_ids", "tracing times upstream's, plan --bench calls it",
+           _T | _B,
            ("self", "block_ids", "dst_num_blocks", "block_size_ratio",
             "physical_blocks_per_logical", "region_num_blocks=", "region_group_ids=",
             "uses_region_group_mapping=")),
@@ -205,6 +210,10 @@ INSTANCE_ATTRS: tuple[Attr, ...] = (
     Attr("worker", "_pending_recv_notifs", "hybrid defers notifications into it", _H),
     Attr("worker", "_recving_metadata", "quarantine reads (the READ's peer engine)", _T),
     Attr("worker", "_recv_failures", "hybrid passes it to _handle_failed_transfer", _H),
+    *(Attr("worker", n, "plan --bench sets it to time _compute_desc_ids", _B) for n in (
+        "_has_mamba", "_conv_decomp", "_ssm_region_indices", "_scratch_region_indices",
+        "_transfer_layer_group_ids", "_ple_group_index", "block_len_per_layer", "num_regions",
+        "region_group_ids", "_uses_region_group_mapping", "_group_spec_types")),
     Attr("scheduler", "_reqs_need_recv", "tracing and the notification tracker read", _T),
     Attr("scheduler", "vllm_config", "the notification tracker reads (D's TP size)", _T),
     Attr("connector", "connector_worker", "the tracing patch swaps its class, hybrid sets", _HT),

@@ -295,7 +295,7 @@ class HybridWorkerCore(NixlPullConnectorWorker):
         plan = self._hy_plan(req, peer.pair)
         read = vm.read_from(plan, rank)
         self._hy_mapped(t0, now_ns(), read.bytes if read else 0,
-                        len(read.local_ids) if read else 0)
+                        len(read.local_id_array) if read else 0)
         self._hy_log_plan(request_id, rank, plan)
         if read is None:
             # upstream's mapping lists this P rank, the plan reads nothing from it: only

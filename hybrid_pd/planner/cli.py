@@ -43,7 +43,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--conv-dtype", default="bfloat16")
     p.add_argument("--ssm-dtype", default="float32")
     p.add_argument("--no-merge", action="store_true", help="do not merge contiguous descriptors")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="blocks each engine registered (default: just enough for the request)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--bench", action="store_true",
+                   help="time per-request planning, the dual views and upstream's descriptor "
+                   "ids for this request; print one JSON object")
+    p.add_argument("--repeat", type=int, default=50, help="timed repetitions per D rank (--bench)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +72,10 @@ def _num_blocks(spec: HybridModelSpec, block_size: int, num_tokens: int) -> int:
     return 1 + n_attn * cdiv(num_tokens, block_size) + (len(groups) - n_attn) + 1
 
 
-def build_report(args: argparse.Namespace) -> dict[str, Any]:
+def request_case(args: argparse.Namespace) -> tuple[HybridModelSpec, EngineLayout, EngineLayout,
+                                                   tuple, tuple]:
+    """(spec, decode layout, prefill layout, D block ids, P block ids) of the request the
+    arguments describe."""
     with open(args.config, encoding="utf-8") as f:
         cfg = json.load(f)
     spec = spec_from_hf_config(
@@ -79,14 +88,22 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         probe = build_engine_layout(spec, tp, kernel_block_size=args.kernel_block_size,
                                     block_size=args.block_size, num_blocks=1,
                                     conv_layout=args.conv_layout)
+        need = _num_blocks(spec, probe.block_size, args.num_tokens)
+        num_blocks = getattr(args, "num_blocks", None) or need
+        if num_blocks < need:
+            raise ValueError(f"--num-blocks {num_blocks} cannot hold {args.num_tokens} tokens "
+                             f"({need} blocks of {probe.block_size} needed)")
         layouts[role] = build_engine_layout(
             spec, tp, kernel_block_size=args.kernel_block_size, block_size=args.block_size,
-            num_blocks=_num_blocks(spec, probe.block_size, args.num_tokens),
-            conv_layout=args.conv_layout,
+            num_blocks=num_blocks, conv_layout=args.conv_layout,
         )
     d, p = layouts["decode"], layouts["prefill"]
-    d_ids = synthetic_block_ids(d, args.num_tokens)
-    p_ids = synthetic_block_ids(p, args.num_tokens)
+    return spec, d, p, synthetic_block_ids(d, args.num_tokens), synthetic_block_ids(
+        p, args.num_tokens)
+
+
+def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    spec, d, p, d_ids, p_ids = request_case(args)
     ranks = []
     totals = dict.fromkeys(
         ("bytes_total", "bytes_optimal", "bytes_padded", "bytes_upstream",
@@ -138,6 +155,15 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "bench", False):
+            if args.repeat <= 0:
+                raise ValueError(f"--repeat must be positive, got {args.repeat}")
+            # The timing lives with the benchmarks (it times upstream's vLLM code too);
+            # the planner itself never imports vLLM.
+            from hybrid_pd.bench import plan_timing
+
+            print(json.dumps(plan_timing.run(args, *request_case(args))))
+            return 0
         report = build_report(args)
     except (OSError, ValueError) as exc:
         msg = " ".join(str(exc).split())

@@ -12,25 +12,55 @@ tokens; kernel block i is ``ids[i // ratio] * ratio + i % ratio`` with each side
 *own* ratio (the remote ratio for remote ids).  Mamba by logical blocks (one whole
 state per block).  Every unit descriptor is bounds-checked before merging (so the
 message names the layer) and every merged one again before it is returned.
+
+Cost: numpy array arithmetic, one Python-level step per (P rank, HMA group) - never
+per token, block or layer.  Within a group only the region differs between layers, so
+offsets, bounds and merges are worked out once per group and only the (cheap) ids and
+output rows are per layer (``hybrid-pd plan --bench`` measures it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 from hybrid_pd.planner.descs import (
-    Desc,
     PeerTemplate,
     ReadPlan,
     RequestPlan,
+    Run,
     check_desc,
-    merge_descs,
+    check_desc_array,
+    merge_arrays,
 )
-from hybrid_pd.planner.layout import EngineLayout, cdiv, check_tp, validate_layout
+from hybrid_pd.planner.layout import EngineLayout, KVCacheGroup, cdiv, check_tp, validate_layout
 from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
 from hybrid_pd.planner.templates import peer_templates
 
-BlockIds = tuple[tuple[int, ...], ...]
+BlockIds = tuple[np.ndarray, ...]  # one int64 array per HMA group
+
+
+def _as_ids(ids: Sequence[int] | np.ndarray, who: str, gi: int, kind: str,
+            num_blocks: int) -> np.ndarray:
+    """One group's block ids as int64, refusing anything that is not an int in range
+    (values beyond int64 are checked in Python: numpy would not hold them)."""
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):
+        arr = np.asarray(list(ids), dtype=object)
+    if arr.ndim == 1 and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 8 \
+            and (arr.dtype.kind == "i" or arr.size == 0 or int(arr.max()) < 2**63):
+        return arr.astype(np.int64, copy=False)
+    if arr.ndim == 1 and arr.size == 0:
+        return np.empty(0, np.int64)
+    for b in (ids if arr.ndim == 1 else [ids]):
+        if not isinstance(b, (int, np.integer)) or isinstance(b, (bool, np.bool_)):
+            raise ValueError(f"{who}: group {gi} block id {b!r} is not an int")
+        if not 0 <= b < num_blocks:
+            raise ValueError(
+                f"{who}: group {gi} ({kind}) block id {b} out of range [0, {num_blocks})")
+    raise ValueError(f"{who}: group {gi} block ids are not a flat list of ints")
 
 
 def _check_block_ids(
@@ -42,35 +72,41 @@ def _check_block_ids(
             f"{who}: got block ids for {len(block_ids)} KV cache groups, the model has "
             f"{len(groups)} ({', '.join(g.kind.value for g in groups)})"
         )
-    seen: dict[int, int] = {}
     out = []
     for gi, (group, ids) in enumerate(zip(groups, block_ids, strict=True)):
-        ids = tuple(ids)
-        for b in ids:
-            if not isinstance(b, int) or isinstance(b, bool):
-                raise ValueError(f"{who}: group {gi} block id {b!r} is not an int")
-            if not 0 <= b < layout.num_blocks:
-                raise ValueError(
-                    f"{who}: group {gi} ({group.kind.value}) block id {b} out of range "
-                    f"[0, {layout.num_blocks})"
-                )
-            if b in seen:
-                raise ValueError(
-                    f"{who}: block id {b} appears twice (groups {seen[b]} and {gi}); HMA "
-                    "groups share one block pool, so a block belongs to one group"
-                )
-            seen[b] = gi
+        arr = _as_ids(ids, who, gi, group.kind.value, layout.num_blocks)
+        bad = (arr < 0) | (arr >= layout.num_blocks)
+        if bad.any():
+            raise ValueError(
+                f"{who}: group {gi} ({group.kind.value}) block id {int(arr[bad][0])} out of "
+                f"range [0, {layout.num_blocks})"
+            )
         if group.kind is LayerKind.ATTENTION:
             need = cdiv(num_tokens, layout.block_size)
-            if len(ids) < need:
+            if len(arr) < need:
                 raise ValueError(
-                    f"{who}: attention group {gi} has {len(ids)} blocks but {num_tokens} "
+                    f"{who}: attention group {gi} has {len(arr)} blocks but {num_tokens} "
                     f"tokens need {need} blocks of {layout.block_size}"
                 )
-        elif not ids:
+        elif not len(arr):
             raise ValueError(f"{who}: Mamba group {gi} has no block for the request's state")
-        out.append(ids)
+        out.append(arr)
+    _check_unique(out, who)
     return tuple(out)
+
+
+def _check_unique(ids: list[np.ndarray], who: str) -> None:
+    """HMA groups share one block pool: a block id may appear once over all groups."""
+    flat = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    order = np.sort(flat)
+    dup = order[1:][order[1:] == order[:-1]]
+    if len(dup):
+        b = int(dup[0])
+        where = [gi for gi, g in enumerate(ids) for x in g.tolist() if x == b]
+        raise ValueError(
+            f"{who}: block id {b} appears twice (groups {where[0]} and {where[1]}); HMA "
+            "groups share one block pool, so a block belongs to one group"
+        )
 
 
 def _check_regions(
@@ -92,24 +128,136 @@ def _check_regions(
     return lens
 
 
-class _Units:
-    """Unmerged transfer units of one read, both sides in the same order."""
+class _Segment:
+    """Consecutive HMA groups of one kind (``G`` of them, equal shapes) for one P rank,
+    every layer at once.  Within a group only the region differs between layers, so
+    offsets and lengths are kept per group (``(G, m)``, ``m`` units in (position, run)
+    order), regions per (group, layer) and ids per (group, layer, unit).  Unit order:
+    group, layer, position, run -- the order the dual-view ids are listed in."""
 
-    __slots__ = ("local", "remote", "lids", "rids", "what")
+    __slots__ = ("regions", "d_off", "p_off", "length", "d_ids", "p_ids", "name")
 
-    def __init__(self) -> None:
-        self.local: list[Desc] = []
-        self.remote: list[Desc] = []
-        self.lids: list[int] = []
-        self.rids: list[int] = []
-        self.what: list[str] = []
+    def __init__(self, regions: np.ndarray, d_off: np.ndarray, p_off: np.ndarray,
+                 length: np.ndarray, d_ids: np.ndarray, p_ids: np.ndarray,
+                 name: Callable[[int, int, int], str]) -> None:
+        self.regions = regions  # (G, layers)
+        self.d_off, self.p_off, self.length = d_off, p_off, length  # (G, m) each
+        self.d_ids, self.p_ids, self.name = d_ids, p_ids, name  # (G, layers, m)
 
-    def add(self, local: Desc, remote: Desc, lid: int, rid: int, what: str) -> None:
-        self.local.append(local)
-        self.remote.append(remote)
-        self.lids.append(lid)
-        self.rids.append(rid)
-        self.what.append(what)
+    def _rows(self, off: np.ndarray, length: np.ndarray, src: np.ndarray | None,
+              g_out: np.ndarray, l_out: np.ndarray) -> np.ndarray:
+        out = np.empty((len(g_out), 3), np.int64)
+        out[:, 0] = off if src is None else off[src]
+        out[:, 1] = length if src is None else length[src]
+        out[:, 2] = self.regions[g_out, l_out]
+        return out
+
+    def units(self, side: str) -> np.ndarray:
+        """Every unit descriptor of one side, ``(G * layers * m, 3)``."""
+        off = self.d_off if side == "local" else self.p_off
+        (g, m), nl = off.shape, self.regions.shape[1]
+        out = np.empty((g, nl, m, 3), np.int64)
+        out[..., 0] = off[:, None, :]
+        out[..., 1] = self.length[:, None, :]
+        out[..., 2] = self.regions[:, :, None]
+        return out.reshape(-1, 3)
+
+    def merged(self) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+        """Units merged where contiguous on both sides (never across groups or layers:
+        a layer is its own region), both sides ``(rows, 3)``; the joins are the same for
+        every layer of a group, so they are found once per group.  Also: whether
+        anything merged, and the rows of each group."""
+        (g, m), nl = self.d_off.shape, self.regions.shape[1]
+        d, p, n = self.d_off.ravel(), self.p_off.ravel(), self.length.ravel()
+        joins = (d[:-1] + n[:-1] == d[1:]) & (p[:-1] + n[:-1] == p[1:])
+        joins[m - 1::m] = False  # a group ends
+        if not joins.any():  # nothing merges (e.g. head slices): the units themselves
+            return (self.units("local"), self.units("remote"), False,
+                    np.full(g, nl * m, np.int64))
+        starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+        lengths = np.add.reduceat(n, starts)
+        counts = np.bincount(starts // m, minlength=g)  # merged runs per group
+        reps = counts * nl
+        g_out = np.repeat(np.arange(g), reps)
+        pos = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
+        k = counts[g_out]
+        src = (np.cumsum(counts) - counts)[g_out] + pos % k
+        l_out = pos // k
+        return (self._rows(d[starts], lengths, src, g_out, l_out),
+                self._rows(p[starts], lengths, src, g_out, l_out), True, reps)
+
+    def check(self, side: str, lens: tuple[int, ...], who: str) -> None:
+        """Every unit inside its region: a group's offsets are the same for all its
+        layers, so the extremes are found per group and compared with each layer's
+        region length."""
+        off = self.d_off if side == "local" else self.p_off
+        if not off.size:
+            return
+        n = self.length
+        limit = np.asarray(lens, np.int64)[np.clip(self.regions, 0, len(lens) - 1)]
+        ok = ((self.regions >= 0) & (self.regions < len(lens))
+              & (off.min(axis=1) >= 0)[:, None] & (n.min(axis=1) > 0)[:, None]
+              & ((off + n).max(axis=1)[:, None] <= limit))
+        if ok.all():
+            return
+        gi, li = (int(x) for x in np.argwhere(~ok)[0])
+        region = int(self.regions[gi, li])
+        top = lens[region] if 0 <= region < len(lens) else -1
+        k = int(np.argmax((off[gi] < 0) | (n[gi] <= 0) | (off[gi] + n[gi] > top)))
+        check_desc((int(off[gi, k]), int(n[gi, k]), region), lens, who, self.name(gi, li, k))
+        raise AssertionError("segment check and check_desc disagree")  # pragma: no cover
+
+
+def _offsets(pos: np.ndarray, stride: int, runs: Sequence[Run], side: str) -> np.ndarray:
+    """``pos * stride + run offset`` for every (group, position, run): ``(G, m)``."""
+    off = np.asarray([r.local_offset if side == "local" else r.remote_offset for r in runs],
+                     np.int64)
+    return ((pos * stride)[:, :, None] + off).reshape(len(pos), -1)
+
+
+def _ids(regions: np.ndarray, n_runs: int, per_region: int, pos: np.ndarray,
+         base: int) -> np.ndarray:
+    """Dual-view ids ``[group, layer, position, run] -> (region * n_runs + run) *
+    per_region + pos + base``, as ``(G, layers, positions * runs)``."""
+    first = (regions[:, :, None] * n_runs + np.arange(n_runs)) * per_region + base
+    out = first[:, :, None, :] + pos[:, None, :, None]
+    return out.reshape(regions.shape[0], regions.shape[1], -1)
+
+
+def _merge_across(local: np.ndarray, remote: np.ndarray, group_rows: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge across groups, after each segment merged its own units.  Inside a group
+    nothing more can join (its rows are maximal runs, and each layer is its own
+    region), so only the first row of each group is tested against its predecessor (a
+    few); only if one joins is everything merged again."""
+    cand = np.cumsum(group_rows)[:-1]
+    cand = cand[(cand > 0) & (cand < len(local))]
+    if not cand.size or not _joins(local, remote, cand).any():
+        return local, remote
+    return merge_arrays(local, remote)
+
+
+def _joins(local: np.ndarray, remote: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whether row ``i`` continues row ``i - 1`` on both sides, for each ``i`` in rows."""
+    a, b, c, d = local[rows - 1], local[rows], remote[rows - 1], remote[rows]
+    return ((a[:, 2] == b[:, 2]) & (c[:, 2] == d[:, 2]) & (a[:, 0] + a[:, 1] == b[:, 0])
+            & (c[:, 0] + c[:, 1] == d[:, 0]))
+
+
+def _stacks(groups: Sequence[KVCacheGroup], ids: BlockIds) -> list[list[int]]:
+    """Runs of consecutive group indices of one kind whose layers and block lists have
+    equal lengths: each run is planned as one stacked segment."""
+    out: list[list[int]] = []
+    for gi, g in enumerate(groups):
+        if out:
+            first = out[-1][0]
+            h = groups[first]
+            if h.kind is g.kind and len(h.layers) == len(g.layers) \
+                    and len(ids[first]) == len(ids[gi]):
+                out[-1].append(gi)
+                continue
+        out.append([gi])
+    return out
 
 
 class PairPlan:
@@ -265,69 +413,89 @@ class PairPlan:
     def _read(
         self, t: PeerTemplate, d_ids: BlockIds, p_ids: BlockIds, n_kb: int, merge: bool
     ) -> ReadPlan | None:
-        units = _Units()
-        for gi, group in enumerate(self.decode.hma_groups):
-            for layer in group.layers:
-                if group.kind is LayerKind.ATTENTION:
-                    self._fa_units(t, layer, d_ids[gi], p_ids[gi], n_kb, units)
-                else:
-                    self._mamba_units(t, layer, d_ids[gi], p_ids[gi], units)
+        groups = self.decode.hma_groups
+        segs = []
+        for stack in _stacks(groups, d_ids):
+            layers = [groups[gi].layers for gi in stack]
+            regions = np.asarray([[self._region_of[x] for x in ls] for ls in layers], np.int64)
+            d_blocks = np.stack([d_ids[gi] for gi in stack])
+            p_blocks = np.stack([p_ids[gi] for gi in stack])
+            seg = (self._fa_segment(t, layers, regions, d_blocks, p_blocks, n_kb)
+                   if groups[stack[0]].kind is LayerKind.ATTENTION else
+                   self._mamba_segment(t, layers, regions, d_blocks, p_blocks))
+            if seg is not None:
+                segs.append(seg)
+        if not segs:
+            return None
         d_who, p_who = f"decode rank {self.decode_rank}", f"prefill rank {t.prefill_rank}"
         d_lens, p_lens = self.decode_region_lens, self.prefill_lens(t.prefill_rank)
-        for dl, dr, w in zip(units.local, units.remote, units.what, strict=True):
-            check_desc(dl, d_lens, d_who, w)
-            check_desc(dr, p_lens, p_who, w)
+        for seg in segs:
+            seg.check("local", d_lens, d_who)
+            seg.check("remote", p_lens, p_who)
         if merge:
-            out_l, out_r = merge_descs(units.local, units.remote)
+            parts = [seg.merged() for seg in segs]
+            units_l = np.concatenate([part[0] for part in parts])
+            units_r = np.concatenate([part[1] for part in parts])
+            local, remote = _merge_across(units_l, units_r,
+                                          np.concatenate([part[3] for part in parts]))
+            if local is not units_l or any(part[2] for part in parts):
+                # Re-check what actually leaves the planner (when anything was merged).
+                check_desc_array(local, d_lens, d_who, "merged run")
+                check_desc_array(remote, p_lens, p_who, "merged run")
         else:
-            out_l, out_r = tuple(units.local), tuple(units.remote)
-        # Re-check what actually leaves the planner.
-        for dl, dr in zip(out_l, out_r, strict=True):
-            check_desc(dl, d_lens, d_who, "merged run")
-            check_desc(dr, p_lens, p_who, "merged run")
-        if not out_l:
-            return None
-        return ReadPlan(t.prefill_rank, out_l, out_r, tuple(units.lids), tuple(units.rids))
+            local = np.concatenate([seg.units("local") for seg in segs])
+            remote = np.concatenate([seg.units("remote") for seg in segs])
+        lids = np.concatenate([seg.d_ids.ravel() for seg in segs])
+        rids = np.concatenate([seg.p_ids.ravel() for seg in segs])
+        return ReadPlan(t.prefill_rank, local, remote, lids, rids)
 
-    def _fa_units(
-        self, t: PeerTemplate, layer: int, d_blocks: tuple[int, ...],
-        p_blocks: tuple[int, ...], n_kb: int, units: _Units,
-    ) -> None:
+    def _fa_segment(
+        self, t: PeerTemplate, layers: Sequence[Sequence[int]], regions: np.ndarray,
+        d_blocks: np.ndarray, p_blocks: np.ndarray, n_kb: int,
+    ) -> _Segment | None:
         """FA ids: ``(region * n_fa_runs + run) * N_phys + kernel_block``."""
+        runs = t.fa_runs
+        if not runs or not n_kb:
+            return None
         d, p = self.decode, self.prefill
-        region = self._region_of[layer]
-        n_runs = len(t.fa_runs)
-        for i in range(n_kb):
-            d_phys = d_blocks[i // d.ratio] * d.ratio + i % d.ratio
-            p_phys = p_blocks[i // p.ratio] * p.ratio + i % p.ratio
-            for ri, run in enumerate(t.fa_runs):
-                units.add(
-                    (d_phys * d.kernel_block_bytes + run.local_offset, run.length, region),
-                    (p_phys * p.kernel_block_bytes + run.remote_offset, run.length, region),
-                    (region * n_runs + ri) * d.num_phys_blocks + d_phys,
-                    (region * n_runs + ri) * p.num_phys_blocks + p_phys,
-                    f"layer {layer} {run.name} kernel block {i}",
-                )
+        i = np.arange(n_kb, dtype=np.int64)
+        d_phys = d_blocks[:, i // d.ratio] * d.ratio + i % d.ratio
+        p_phys = p_blocks[:, i // p.ratio] * p.ratio + i % p.ratio
+        n_runs = len(runs)
 
-    def _mamba_units(
-        self, t: PeerTemplate, layer: int, d_blocks: tuple[int, ...],
-        p_blocks: tuple[int, ...], units: _Units,
-    ) -> None:
+        def name(g: int, li: int, k: int) -> str:
+            kb, ri = divmod(k, n_runs)
+            return f"layer {layers[g][li]} {runs[ri].name} kernel block {kb}"
+
+        length = np.tile(np.asarray([r.length for r in runs], np.int64), (len(d_phys), n_kb))
+        return _Segment(regions, _offsets(d_phys, d.kernel_block_bytes, runs, "local"),
+                        _offsets(p_phys, p.kernel_block_bytes, runs, "remote"), length,
+                        _ids(regions, n_runs, d.num_phys_blocks, d_phys, 0),
+                        _ids(regions, n_runs, p.num_phys_blocks, p_phys, 0), name)
+
+    def _mamba_segment(
+        self, t: PeerTemplate, layers: Sequence[Sequence[int]], regions: np.ndarray,
+        d_blocks: np.ndarray, p_blocks: np.ndarray,
+    ) -> _Segment | None:
         """Mamba ids: ``(region * n_mamba_runs + run) * N_logical + block + num_fa``."""
+        runs = t.mamba_runs
+        if not runs or not d_blocks.shape[1]:
+            return None
         d, p = self.decode, self.prefill
-        region = self._region_of[layer]
-        n_runs, n_fa = len(t.mamba_runs), len(t.fa_runs)
-        d_num_fa = d.num_regions * n_fa * d.num_phys_blocks
-        p_num_fa = p.num_regions * n_fa * p.num_phys_blocks
-        for d_blk, p_blk in zip(d_blocks, p_blocks, strict=True):
-            for ri, run in enumerate(t.mamba_runs):
-                units.add(
-                    (d_blk * d.page_size_bytes + run.local_offset, run.length, region),
-                    (p_blk * p.page_size_bytes + run.remote_offset, run.length, region),
-                    (region * n_runs + ri) * d.num_blocks + d_blk + d_num_fa,
-                    (region * n_runs + ri) * p.num_blocks + p_blk + p_num_fa,
-                    f"layer {layer} {run.name} block {d_blk}<-{p_blk}",
-                )
+        n_runs, n_fa = len(runs), len(t.fa_runs)
+
+        def name(g: int, li: int, k: int) -> str:
+            j, ri = divmod(k, n_runs)
+            return (f"layer {layers[g][li]} {runs[ri].name} block "
+                    f"{d_blocks[g, j]}<-{p_blocks[g, j]}")
+
+        length = np.tile(np.asarray([r.length for r in runs], np.int64), d_blocks.shape)
+        return _Segment(regions, _offsets(d_blocks, d.page_size_bytes, runs, "local"),
+                        _offsets(p_blocks, p.page_size_bytes, runs, "remote"), length,
+                        _ids(regions, n_runs, d.num_blocks, d_blocks,
+                             d.num_regions * n_fa * d.num_phys_blocks),
+                        _ids(regions, n_runs, p.num_blocks, p_blocks,
+                             p.num_regions * n_fa * p.num_phys_blocks), name)
 
 
 __all__ = ["PairPlan"]

@@ -66,9 +66,10 @@ def render_plan(plan: RequestPlan, max_descs: int = 8) -> str:
     for r in plan.reads:
         lines.append(
             f"  read P rank {r.prefill_rank}: {r.bytes} B, {r.descriptors} descriptors "
-            f"({len(r.local_ids)} unmerged)"
+            f"({len(r.local_id_array)} unmerged)"
         )
-        for dl, dr in list(zip(r.local, r.remote, strict=True))[:max_descs]:
+        head_l, head_r = r.local_array[:max_descs].tolist(), r.remote_array[:max_descs].tolist()
+        for dl, dr in zip(head_l, head_r, strict=True):
             lines.append(
                 f"    D region {dl[2]} +{dl[0]} <- P region {dr[2]} +{dr[0]} len {dl[1]}"
             )

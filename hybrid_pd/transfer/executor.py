@@ -45,10 +45,11 @@ from typing import Any, Literal
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from hybrid_pd.planner.descs import merge_arrays
 from hybrid_pd.planner.layout import EngineLayout
 from hybrid_pd.planner.model_spec import HybridModelSpec
 from hybrid_pd.planner.pair import PairPlan
-from hybrid_pd.planner.plan import ReadPlan, RequestPlan, dual_view, merge_descs, to_addr_descs
+from hybrid_pd.planner.plan import ReadPlan, RequestPlan, dual_view, to_addr_descs
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.transfer import handshake as hs
 from hybrid_pd.transfer import spans as S
@@ -242,7 +243,7 @@ class NixlExecutor:
                 if span.is_recording():
                     span.set_attributes({**pair, A.KV_DESC_SCOPE: scope, A.KV_VIEW: "all",
                                          A.KV_DESCRIPTORS: len(descs),
-                                         A.KV_BYTES: sum(d[1] for d in descs)})
+                                         A.KV_BYTES: int(descs[:, 1].sum())})
             if scope == "local":
                 peer.local_view, peer.view_len = handle, len(descs)
             else:
@@ -317,8 +318,7 @@ class NixlExecutor:
                 la, ra = part.local_ids, part.remote_ids
             else:
                 idx = part.units
-                loc, rem = merge_descs([job.read.local[i] for i in idx],
-                                       [job.read.remote[i] for i in idx])
+                loc, rem = merge_arrays(job.read.local_array[idx], job.read.remote_array[idx])
                 la = addr_array(to_addr_descs(loc, self.region_bases, self.region_lens,
                                               self.dev_id))
                 ra = addr_array(to_addr_descs(rem, peer.bases, peer.lens, self.dev_id))

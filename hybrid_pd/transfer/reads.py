@@ -58,24 +58,23 @@ def layer_of_units(
     read: ReadPlan,
     layout: EngineLayout,
     decode_block_ids: Sequence[Sequence[int]],
-) -> tuple[int, ...]:
+) -> np.ndarray:
     """Cache layer of every unmerged unit of ``read`` (D side): the unit's region and
     block name the HMA group, and the group's layer at that region position.  Needs an
     unmerged plan (``local`` 1:1 with ``local_ids``)."""
-    if len(read.local) != len(read.local_ids):
+    units = read.local_array
+    if len(units) != len(read.local_id_array):
         raise ValueError(
             "per-layer reads need an unmerged plan (plan_request(..., merge=False)); got "
-            f"{len(read.local)} descriptors for {len(read.local_ids)} units"
+            f"{len(units)} descriptors for {len(read.local_id_array)} units"
         )
-    group_of: dict[int, int] = {}
+    group_of = np.full(layout.num_blocks, -1, np.int64)
     for gi, ids in enumerate(decode_block_ids):
-        for b in ids:
-            group_of[b] = gi
-    out = []
-    for off, _, region in read.local:
-        gi = group_of[off // layout.page_size_bytes]
-        out.append(layout.hma_groups[gi].layers[region])
-    return tuple(out)
+        group_of[np.asarray(ids, np.int64)] = gi
+    table = np.full((len(layout.hma_groups), layout.num_regions), -1, np.int64)
+    for gi, g in enumerate(layout.hma_groups):
+        table[gi, :len(g.layers)] = g.layers
+    return table[group_of[units[:, 0] // layout.page_size_bytes], units[:, 2]]
 
 
 def split_units(
@@ -83,16 +82,16 @@ def split_units(
     layout: EngineLayout,
     decode_block_ids: Sequence[Sequence[int]],
     per_layer: bool,
-) -> list[tuple[int | None, list[int]]]:
-    """Unit indices of ``read`` per READ: one list (layer None), or one per cache layer
+) -> list[tuple[int | None, np.ndarray]]:
+    """Unit indices of ``read`` per READ: one array (layer None), or one per cache layer
     in plan order."""
-    n = len(read.local_ids)
+    n = len(read.local_id_array)
     if not per_layer:
-        return [(None, list(range(n)))]
-    groups: dict[int, list[int]] = {}
-    for i, layer in enumerate(layer_of_units(read, layout, decode_block_ids)):
-        groups.setdefault(layer, []).append(i)
-    return list(groups.items())
+        return [(None, np.arange(n))]
+    layers = layer_of_units(read, layout, decode_block_ids)
+    uniq, first = np.unique(layers, return_index=True)
+    return [(int(layer), np.flatnonzero(layers == layer))
+            for layer in uniq[np.argsort(first)]]
 
 
 def layer_kinds(layout: EngineLayout) -> dict[int, tuple[str, int]]:
@@ -111,20 +110,22 @@ class ReadPart:
     layer: int | None = None  # None: the whole request from that peer
     kind: str = "mixed"  # layer kind label ("attention" / "mamba"), "mixed" for all
     group: int = -1
-    units: tuple[int, ...] = ()  # indices into the ReadPlan's unmerged units
+    units: np.ndarray | None = None  # indices into the ReadPlan's unmerged units
 
 
 def plan_parts(read: ReadPlan, layout: EngineLayout, decode_block_ids: Sequence[Sequence[int]],
                per_layer: bool) -> list[ReadPart]:
     """The READ parts of one peer's share of an unmerged plan."""
-    lids = np.asarray(read.local_ids, dtype=np.int64)
-    rids = np.asarray(read.remote_ids, dtype=np.int64)
-    kinds = layer_kinds(layout) if per_layer else {}
+    lids, rids = read.local_id_array, read.remote_id_array
+    if not per_layer:  # the whole share in one READ: no per-unit work at all
+        return [ReadPart(lids, rids, read.bytes, units=np.arange(len(lids)))]
+    kinds = layer_kinds(layout)
+    lengths = read.local_array[:, 1]
     out = []
     for layer, idx in split_units(read, layout, decode_block_ids, per_layer):
         kind, group = kinds.get(layer, ("mixed", -1)) if layer is not None else ("mixed", -1)
-        out.append(ReadPart(lids[idx], rids[idx], sum(read.local[i][1] for i in idx),
-                            layer, kind, group, tuple(idx)))
+        out.append(ReadPart(lids[idx], rids[idx], int(lengths[idx].sum()), layer, kind, group,
+                            idx))
     return out
 
 

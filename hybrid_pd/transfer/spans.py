@@ -77,7 +77,7 @@ def emit_transfer(ex: NixlExecutor, out: RequestResult, log: RunLog, engine_id: 
     for t0, t1, read, parts in log.maps:
         rec.emit(A.SPAN_KV_DESC_BUILD, ctx, t0, t1, {
             A.KV_DESC_SCOPE: "request", A.KV_VIEW: "all",
-            A.KV_DESCRIPTORS: len(read.local_ids), A.KV_BYTES: read.bytes, A.KV_READS: parts,
+            A.KV_DESCRIPTORS: len(read.local_id_array), A.KV_BYTES: read.bytes, A.KV_READS: parts,
             A.KV_PEER_RANK: read.prefill_rank, A.KV_PEER_ENGINE_ID: engine_id,
         }, off=off)
     for r in log.reads:
