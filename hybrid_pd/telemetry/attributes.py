@@ -58,7 +58,7 @@ SPANS: dict[str, str] = {
     "the blocks held for D, from the hand-over to D's notification (or the lease expiry).",
     SPAN_KV_STALL: "A transfer without progress for longer than the stall threshold.",
     SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks freed once NIXL ends the READ.",
-    SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root).",
+    SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root; a streamed one ends with its stream).",
     SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
     SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
 }
