@@ -160,3 +160,39 @@ def test_worker_reports_notify_only_reads() -> None:
                    "s", "remote-s", 1, None, 2, 1, True)
     assert w.hy_worker_report() == WorkerReport(notified={(0, "r")})
     assert w.hy_worker_report() is None  # taken: the next step starts empty
+
+
+# -- a dead P that NIXL does not report --------------------------------------------
+
+
+def test_peer_probe_says_gone_only_when_the_side_channel_refuses(monkeypatch) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # a frozen P: the kernel still accepts
+    port = listener.getsockname()[1]
+    try:
+        assert not q.peer_gone(("127.0.0.1", port))
+    finally:
+        listener.close()
+    assert q.peer_gone(("127.0.0.1", port))  # the process (its listener) is gone
+    assert not q.peer_gone(None)
+    # unreachable (no answer within the timeout): not known to be gone, keep holding
+
+    def silent(*_: Any, **__: Any) -> None:
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(q.socket, "create_connection", silent)
+    assert not q.peer_gone(("127.0.0.1", port))
+
+
+def test_held_read_of_a_dead_peer_is_released(monkeypatch) -> None:
+    w, h = stalled()
+    (held,) = w.hy_held.values()
+    held.peer = ("127.0.0.1", 1)
+    monkeypatch.setattr(q, "PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(q, "peer_gone", lambda peer: peer == ("127.0.0.1", 1))
+    w.get_transfer_results()  # NIXL still says PROC; the probe says the peer is gone
+    assert w.nixl_wrapper.released == [h] and not w.hy_held
+    assert w.hy_worker_report().cleared == {(0, "req-1")}

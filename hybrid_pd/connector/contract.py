@@ -233,6 +233,8 @@ FIELDS: tuple[Attr, ...] = (
     Attr("req_meta", "local_block_ids", "hybrid reads", _H),
     Attr("req_meta", "local_num_computed_blocks", "hybrid reads", _H),
     Attr("remote_meta", "engine_id", "tracing reads", _T),
+    *(Attr("remote_meta", n, "quarantine reads (probes P's side channel)", _T)
+      for n in ("host", "port")),
     Attr("remote_meta", "block_ids", "hybrid reads", _H),
     Attr("remote_meta", "num_tokens", "hybrid reads", _H),
     Attr("read_spec", "remote_rank", "hybrid and tracing read", _HT),

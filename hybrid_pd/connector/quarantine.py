@@ -20,13 +20,23 @@ NIXL_ERR_REMOTE_DISCONNECT within 0.02 s of P's death (nothing landed).  So:
   every rank cleared it.  vLLM keeps such a request in its table and keeps stepping, so
   the clearance is seen without new traffic.
 
+A dead P does not always say so: in some runs of ``tests/e2e/test_faults.py`` NIXL kept
+READs from a SIGKILLed P (whole process group gone) in PROC for good.  So while a READ is
+held, D also asks the kernel about P every :data:`PROBE_INTERVAL_S`: a TCP connect to P's
+NIXL side channel (the engine's handshake listener).  Refused means P's engine process is
+gone (its UCX worker with it), so nothing more can land and the handle is released.  A
+frozen P still accepts (the kernel completes the connection), an unreachable one times
+out after :data:`PROBE_TIMEOUT_S`: both keep the hold.
+
 Cost, the safe side by choice: the blocks stay out of use until P resumes or dies; a P
-that stays frozen for good holds them (and keeps D stepping) for good.
+that stays frozen (or unreachable) for good holds them (and keeps D stepping) for good.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +45,9 @@ from hybrid_pd.transfer.reads import ReadResult, now_ns, release
 
 logger = logging.getLogger("hybrid_pd.connector")
 
+PROBE_INTERVAL_S = 2.0  # how often a held READ's peer is probed
+PROBE_TIMEOUT_S = 0.05  # a connect that takes longer: unreachable, keep holding
+
 
 @dataclass
 class _Held:
@@ -42,6 +55,22 @@ class _Held:
     engine_id: str | None
     rec: ReadResult
     since_ns: int
+    peer: tuple[str, int] | None = None  # P's side channel (host, port)
+    probed: float = 0.0
+
+
+def peer_gone(peer: tuple[str, int] | None) -> bool:
+    """True only when P's side channel refuses a TCP connection: its process is gone.
+    Accepted, timed out or unreachable: not known to be gone."""
+    if peer is None:
+        return False
+    try:
+        socket.create_connection(peer, timeout=PROBE_TIMEOUT_S).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _ended(agent: Any, handle: Any) -> str | None:
@@ -79,7 +108,9 @@ class QuarantineWorkerMixin:
         meta = w._recving_metadata.get(req_id)
         remote = getattr(meta, "remote", None)
         engine = getattr(remote, "engine_id", None) or rec.peer_engine or None
-        self.hy_held[handle] = _Held(req_id, engine, rec, now_ns())
+        host, port = getattr(remote, "host", None), getattr(remote, "port", None)
+        peer = (host, int(port)) if isinstance(host, str) and isinstance(port, int) else None
+        self.hy_held[handle] = _Held(req_id, engine, rec, now_ns(), peer, time.monotonic())
         pending_report(self).held.add((self._hy_rank(), req_id))
         logger.warning("hybrid connector: req %s: READ from engine %s given up; its blocks "
                        "stay held until NIXL reports the READ ended", req_id, engine)
@@ -90,6 +121,10 @@ class QuarantineWorkerMixin:
         held = self.hy_held
         for handle, h in list(held.items()):
             how = _ended(w.nixl_wrapper, handle)
+            if how is None and time.monotonic() - h.probed >= PROBE_INTERVAL_S:
+                h.probed = time.monotonic()
+                if peer_gone(h.peer):
+                    how = "peer's side channel refuses connections: its process is gone"
             if how is None:
                 continue
             del held[handle]
