@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import queue
+import random
 import re
 import socket
 import subprocess
@@ -13,10 +14,36 @@ from pathlib import Path
 from typing import Any
 
 
+def _below_ephemeral() -> tuple[int, int]:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(1024, low - 12000), low
+
+
+_HANDED: set[int] = set()
+_PORTS = random.Random()  # its own generator: a test seeding ``random`` cannot repeat picks
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a child to listen on, from below the kernel's ephemeral range: a port
+    from bind(0) can be taken by some outgoing connection before the child binds it
+    (measured in CI: P's side channel failed with "Address already in use"). Never the
+    same port twice in one test run."""
+    lo, hi = _below_ephemeral()
+    for _ in range(2000):
+        port = _PORTS.randrange(lo, hi)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED.add(port)
+        return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 class Output:

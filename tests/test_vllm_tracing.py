@@ -306,6 +306,15 @@ class FakeScheduler:
         self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp))
         self._reqs_need_recv: dict[str, tuple[Any, ...]] = {}
         self._reqs_need_send: dict[str, float] = {}
+        self._nixl_handshake_listener_t: Any = None
+
+    def set_xfer_handshake_metadata(self, metadata: Any) -> None:
+        self._nixl_handshake_listener_t = metadata
+
+    @staticmethod
+    def _nixl_handshake_listener(encoded_data: Any, ready_event: Any, stop_event: Any,
+                                 host: str, port: int) -> None:
+        ready_event.set()
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
         self._reqs_need_send[request.request_id] = 1.0

@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 
 from hybrid_pd.connector import contract
 from hybrid_pd.connector.hybrid_worker import HybridWorkerCore
+from hybrid_pd.connector.listener import ListenerSchedulerMixin
 from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
 from hybrid_pd.connector.read_path import ReadPathWorkerMixin
 from hybrid_pd.connector.reports import NotifySchedulerMixin, WorkerReport
@@ -54,10 +55,11 @@ class HybridNixlWorker(TracedWorkerMixin, ReadPathWorkerMixin, HybridWorkerCore)
 
 
 class HybridNixlScheduler(TracedSchedulerMixin, QuarantineSchedulerMixin, NotifySchedulerMixin,
-                          NixlPullConnectorScheduler):
+                          ListenerSchedulerMixin, NixlPullConnectorScheduler):
     """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers,
     withholding the blocks of quarantined READs (:mod:`.quarantine`) and stepping until
-    P's notification for a refused request went out (:mod:`.reports`)."""
+    P's notification for a refused request went out (:mod:`.reports`), and failing start-up
+    when the side channel cannot listen (:mod:`.listener`)."""
 
 
 class HybridNixlConnector(NixlPullConnector):

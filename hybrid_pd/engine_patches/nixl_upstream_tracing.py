@@ -53,6 +53,7 @@ def _classes() -> dict[str, type]:
         NixlPullConnectorWorker,
     )
 
+    from hybrid_pd.connector.listener import ListenerSchedulerMixin
     from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
     from hybrid_pd.connector.read_path import ReadPathWorkerMixin
     from hybrid_pd.connector.reports import NotifySchedulerMixin
@@ -69,10 +70,11 @@ def _classes() -> dict[str, type]:
         "traced": make("TracedNixlPullConnectorWorker", TracedWorkerMixin, ReadPathWorkerMixin,
                        NixlPullConnectorWorker, HY_CONNECTOR="upstream"),
         "q_scheduler": make("QuarantineNixlPullConnectorScheduler", QuarantineSchedulerMixin,
-                            NotifySchedulerMixin, NixlPullConnectorScheduler),
+                            NotifySchedulerMixin, ListenerSchedulerMixin,
+                            NixlPullConnectorScheduler),
         "traced_scheduler": make("TracedNixlPullConnectorScheduler", TracedSchedulerMixin,
                                  QuarantineSchedulerMixin, NotifySchedulerMixin,
-                                 NixlPullConnectorScheduler),
+                                 ListenerSchedulerMixin, NixlPullConnectorScheduler),
     }
 
 

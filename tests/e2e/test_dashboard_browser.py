@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from hybrid_pd.dashboard import figures
-from hybrid_pd.dashboard.cli import free_port
 from hybrid_pd.telemetry import attributes as A
 
 pytestmark = pytest.mark.e2e

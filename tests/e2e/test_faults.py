@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -47,7 +48,7 @@ from e2e import span_checks
 from hybrid_pd.metrics import scrape_gauges, scrape_nixl_metrics
 from hybrid_pd.serve.engines import LaunchConfig
 from hybrid_pd.serve.proxy import decode_request, prefill_request
-from hybrid_pd.serve.supervisor import Child, Ports, Supervisor, build_supervisor
+from hybrid_pd.serve.supervisor import Child, LaunchError, Ports, Supervisor, build_supervisor
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.tiny_models import engine_args_for
 
@@ -114,9 +115,9 @@ class Pair:
 @contextlib.contextmanager
 def running_pair(tmp: Path, name: str, *, kv_extra: tuple = (), extra_env: tuple = (),
                  decode_model: Path | None = None, decode_args: tuple[str, ...] = (),
-                 model: Path) -> Iterator[Pair]:
-    ports = Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
-                  prefill_side_channel=free_port(), decode_side_channel=free_port())
+                 model: Path, ports: Ports | None = None) -> Iterator[Pair]:
+    ports = ports or Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
+                           prefill_side_channel=free_port(), decode_side_channel=free_port())
     kv = (("kv_lease_duration", LEASE_S), *kv_extra)  # over serve.engines.default_kv_extra
     run_dir = tmp / name
     cfg = LaunchConfig(
@@ -266,6 +267,26 @@ def test_refused_handshake_fails_request_and_frees_blocks(tiny_models, tmp_path,
         print(f"[{case}] D idle after {d_idle:.1f} s, P idle {p_idle:.1f} s later "
               f"(lease {LEASE_S} s), P expired leases +{expired:.0f}")
         assert expired == 1, f"P freed the request's blocks other than by lease expiry: +{expired}"
+
+
+def test_taken_side_channel_port_fails_start_naming_it(tiny_models, tmp_path):
+    """Another process listens on P's side-channel port: P's start fails (vLLM alone
+    waits for its listener forever; a CI run's P was still not healthy after 600 s) and
+    P's log names the port and the option that moves it."""
+    ports = Ports(proxy=free_port(), prefill=free_port(), decode=free_port(),
+                  prefill_side_channel=free_port(), decode_side_channel=free_port())
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports.prefill_side_channel))
+        squatter.listen()
+        t0 = time.monotonic()
+        with pytest.raises(LaunchError, match="prefill exited") as err, \
+                running_pair(tmp_path, "taken-port", model=tiny_models["tiny-nemotron-h"],
+                             ports=ports):
+            pass
+    log = (tmp_path / "taken-port" / "prefill.log").read_text(errors="replace")
+    print(f"\nP's start failed after {time.monotonic() - t0:.1f} s: {str(err.value)[:200]}")
+    assert f"could not listen on 127.0.0.1:{ports.prefill_side_channel}" in log, log[-3000:]
+    assert "--prefill-side-channel-port" in log
 
 
 # -- (b), (c): one pair with UCX over TCP, P stopped and killed ---------------------------
