@@ -45,6 +45,25 @@ def case(prefill_tp: int, decode_tp: int, num_tokens: int, num_blocks: int | Non
     return cli.request_case(args)
 
 
+def with_descriptors(plan):
+    """The plan with every read's descriptor arrays built (they are made on first use)."""
+    for r in plan.reads:
+        assert len(r.local_array) == len(r.remote_array)
+    return plan
+
+
+def test_engine_step_builds_no_descriptor_arrays():
+    """The connector's per-request step needs ids and bytes only: the (units, 3)
+    descriptor arrays are not built until asked for, and then equal the units."""
+    spec, d, p, d_ids, p_ids = case(1, 1, 8_192)
+    plan = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=0).plan(
+        d_ids, p_ids, 8_192, merge=False)
+    (read,) = plan.reads
+    assert "_desc_arrays" not in vars(read)
+    assert read.bytes == int(read.local_array[:, 1].sum()) > 0
+    assert len(read.local_array) == len(read.local_id_array)
+
+
 @pytest.mark.parametrize(("p_tp", "d_tp"), [(1, 1), (2, 4), (4, 2)])
 @pytest.mark.parametrize("merge", [True, False])
 def test_request_planning_calls_do_not_grow_with_tokens(p_tp, d_tp, merge):
@@ -53,7 +72,7 @@ def test_request_planning_calls_do_not_grow_with_tokens(p_tp, d_tp, merge):
         spec, d, p, d_ids, p_ids = case(p_tp, d_tp, n)
         pair = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=d_tp - 1)
         calls[n] = python_calls(lambda pair=pair, d_ids=d_ids, p_ids=p_ids, n=n:
-                                pair.plan(d_ids, p_ids, n, merge=merge))
+                                with_descriptors(pair.plan(d_ids, p_ids, n, merge=merge)))
         units[n] = sum(len(r.local_id_array) for r in pair.plan(d_ids, p_ids, n).reads)
     assert units[131_072] > 10 * units[8_192]  # the request really is 16x the work
     assert calls[131_072] == calls[8_192], calls

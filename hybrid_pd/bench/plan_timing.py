@@ -1,10 +1,13 @@
 """``hybrid-pd plan --bench``: what per-request planning costs, beside upstream's own
 descriptor-id computation for the same request, measured in one run.
 
-* ``plan_ms_*``: ``PairPlan.plan`` (block ids -> checked, merged descriptors and the
-  unmerged dual-view ids) for one D rank, ``--repeat`` times per D rank, every rank; the
-  pair-level work (``PairPlan.build``: templates, checks) is done once, outside the
-  timing, as the connector does it once per peer.
+* ``plan_ms_*``: the engine's per-request step, ``PairPlan.plan(..., merge=False)``
+  (block ids -> checked dual-view ids of every unit and their bytes: what the connector
+  hands NIXL's prepped READ), ``--repeat`` times per D rank, every rank; the pair-level
+  work (``PairPlan.build``: templates, checks) is done once, outside the timing, as the
+  connector does it once per peer.
+* ``descs_ms_*``: the same plus both sides' descriptor arrays, merged unless
+  ``--no-merge`` (what a READ from lists of descriptors would post).
 * ``views_ms`` / ``views_bytes``: both dual views of every (D rank 0, P rank) pair and
   their NIXL rows (what is prepped once per peer).
 * ``upstream_desc_ids_ms_*``: vLLM's ``NixlBaseConnectorWorker._compute_desc_ids`` on an
@@ -134,31 +137,44 @@ def time_upstream(d: EngineLayout, p: EngineLayout, d_ids: Any, p_ids: Any, read
             "upstream_desc_ids_ms_p99": stats["p99"]}
 
 
+def _descs(plan: Any) -> int:
+    """Build every read's descriptor arrays (they are made on first use)."""
+    return sum(len(r.local_array) + len(r.remote_array) for r in plan.reads)
+
+
 def run(args: argparse.Namespace, spec: HybridModelSpec, d: EngineLayout, p: EngineLayout,
         d_ids: Any, p_ids: Any) -> dict[str, Any]:
     """The ``--bench`` JSON object for one config, TP pair and token count."""
     samples: list[int] = []
+    desc_samples: list[int] = []
     per_rank = []
     descriptors = 0
     merge = not args.no_merge
+    n = args.num_tokens
     for rank in range(d.tp):
         pair = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=rank)
-        plan = pair.plan(d_ids, p_ids, args.num_tokens, merge=merge)
+        plan = pair.plan(d_ids, p_ids, n, merge=merge)
         descriptors += plan.descriptors
-        took = _time(lambda pair=pair: pair.plan(d_ids, p_ids, args.num_tokens, merge=merge),
-                     args.repeat)
+        # the engine's step: ids and bytes, bounds-checked (what the connector posts)
+        took = _time(lambda pair=pair: pair.plan(d_ids, p_ids, n, merge=False), args.repeat)
+        # plus descriptor arrays, merged unless --no-merge (a list-of-descriptors READ)
+        desc_took = _time(lambda pair=pair: _descs(pair.plan(d_ids, p_ids, n, merge=merge)),
+                          args.repeat)
         samples += took
+        desc_samples += desc_took
         per_rank.append({"rank": rank, "plan_ms_median": _ms(took)["median"],
+                         "descs_ms_median": _ms(desc_took)["median"],
                          "descriptors": plan.descriptors, "units": sum(
                              len(r.local_id_array) for r in plan.reads)})
-    stats = _ms(samples)
+    stats, desc_stats = _ms(samples), _ms(desc_samples)
     rank0 = PairPlan.build(spec=spec, decode=d, prefill=p, decode_rank=0)
     out = {
         "model_type": spec.model_type, "prefill_tp": p.tp, "decode_tp": d.tp,
-        "num_tokens": args.num_tokens, "kernel_block_size": d.kernel_block_size,
+        "num_tokens": n, "kernel_block_size": d.kernel_block_size,
         "block_size": d.block_size, "num_blocks": d.num_blocks, "merged": merge,
         "repeat": args.repeat,
         "plan_ms_median": stats["median"], "plan_ms_p99": stats["p99"],
+        "descs_ms_median": desc_stats["median"], "descs_ms_p99": desc_stats["p99"],
         "descriptors_total": descriptors, "per_rank": per_rank,
     }
     out |= time_views(spec, d, p)

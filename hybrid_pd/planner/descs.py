@@ -9,8 +9,8 @@ use, for readers that want plain Python values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -48,16 +48,31 @@ def _rows(arr: np.ndarray) -> tuple[Desc, ...]:
 
 @dataclass(frozen=True, eq=False)
 class ReadPlan:
-    """One D rank's read from one P rank: descriptors (merged or not) on both sides, and
-    the unmerged transfer units as ids into the pair's dual views (same order on both
-    sides).  Arrays; ``local`` / ``remote`` / ``local_ids`` / ``remote_ids`` are tuple
-    views of them."""
+    """One D rank's read from one P rank: the unmerged transfer units as ids into the
+    pair's dual views (same order on both sides), their bytes, and descriptors (merged
+    or not) on both sides.  The descriptor arrays are built on first use (``descs``):
+    a READ through the prepped dual views needs only the ids, so the engine's
+    per-request step never builds them.  ``local`` / ``remote`` / ``local_ids`` /
+    ``remote_ids`` are tuple views."""
 
     prefill_rank: int
-    local_array: np.ndarray  # (n, 3) int64
-    remote_array: np.ndarray
     local_id_array: np.ndarray  # (units,) int64
     remote_id_array: np.ndarray
+    bytes: int
+    descs: Callable[[], tuple[np.ndarray, np.ndarray]] = field(repr=False, compare=False)
+
+    @cached_property
+    def _desc_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.descs()
+
+    @property
+    def local_array(self) -> np.ndarray:
+        """(n, 3) int64 descriptors read into."""
+        return self._desc_arrays[0]
+
+    @property
+    def remote_array(self) -> np.ndarray:
+        return self._desc_arrays[1]
 
     @cached_property
     def local(self) -> tuple[Desc, ...]:
@@ -76,17 +91,13 @@ class ReadPlan:
         return tuple(self.remote_id_array.tolist())
 
     @property
-    def bytes(self) -> int:
-        return int(self.local_array[:, 1].sum())
-
-    @property
     def descriptors(self) -> int:
         return len(self.local_array)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReadPlan):
             return NotImplemented
-        return self.prefill_rank == other.prefill_rank and all(
+        return self.prefill_rank == other.prefill_rank and self.bytes == other.bytes and all(
             np.array_equal(a, b) for a, b in zip(
                 (self.local_array, self.remote_array, self.local_id_array, self.remote_id_array),
                 (other.local_array, other.remote_array, other.local_id_array,
