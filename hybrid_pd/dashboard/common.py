@@ -160,11 +160,11 @@ def require_db() -> str:
         (st.info if status.state in ("missing", "empty") else st.error)(status.message)
         st.stop()
     if status.missing_indexes:
-        missing_indexes_note(status.missing_indexes)
+        missing_indexes_note(status.missing_indexes, get_engine(db).dialect.name)
     return db
 
 
-def missing_indexes_note(names: tuple[str, ...]) -> None:
+def missing_indexes_note(names: tuple[str, ...], dialect_name: str = "sqlite") -> None:
     """Sidebar note for a database made before the dashboard's newer indexes existed."""
     st.sidebar.warning(
         f"This database lacks {len(names)} index(es) made for the dashboard "
@@ -174,7 +174,7 @@ def missing_indexes_note(names: tuple[str, ...]) -> None:
         "(the dashboard itself never writes)."
     )
     with st.sidebar.expander("SQL to add the indexes"):
-        st.code(queries.create_index_sql(names), language="sql")
+        st.code(queries.create_index_sql(names, dialect_name), language="sql")
 
 
 def sidebar_window(db: str) -> tuple[int | None, int | None]:

@@ -8,7 +8,9 @@ Streamlit layer (``common.py``) only adds caching (``st.cache_data``) on top.
 
 Read-only on purpose: the engines write to the same file while the dashboard runs, so a
 SQLite path is opened as ``file:PATH?mode=ro`` (URI form) *and* with ``PRAGMA
-query_only``; a dashboard bug can therefore never take a write lock or alter a row.
+query_only``; a dashboard bug can therefore never take a write lock or alter a row.  A
+PostgreSQL URL (the central store) gets sessions whose transactions are read-only.  Every
+query gives the same answer on both backends (tests/test_postgres_store.py).
 
 Each query is shaped for one of the schema's named indexes (see ``telemetry/schema.py``):
 
@@ -38,10 +40,12 @@ from urllib.parse import quote
 
 import pandas as pd
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Engine,
     Subquery,
     case,
+    cast,
     create_engine,
     event,
     func,
@@ -49,6 +53,7 @@ from sqlalchemy import (
     literal,
     select,
 )
+from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -62,6 +67,7 @@ from hybrid_pd.telemetry.schema import (
     span_attr,
     spans_table,
 )
+from hybrid_pd.telemetry.store import session_sql
 
 # Shown wherever there is nothing to plot: the shortest path to a database with spans.
 PRODUCE_SPANS_HINT = (
@@ -115,7 +121,7 @@ def readonly_url(db: str) -> str | URL:
     SQLite: the URI form ``file:PATH?mode=ro&uri=true`` (pysqlite passes ``uri=true`` on
     to ``sqlite3.connect``), so the OS-level open is read-only.  Other backends are
     returned as given; the connect hook below still marks the sessions read-only where
-    the backend has a switch for it.
+    the backend has a switch for it (PostgreSQL).
     """
     path = sqlite_path(db)
     if path is not None:
@@ -125,25 +131,20 @@ def readonly_url(db: str) -> str | URL:
 
 def open_engine(db: str) -> Engine:
     """A read-only engine for ``db`` (path or SQLAlchemy URL)."""
-    engine = create_engine(readonly_url(db))
+    # pre-ping on a server: a dashboard left open outlives a database restart.
+    engine = create_engine(readonly_url(db), pool_pre_ping=not is_sqlite_target(db))
     if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _read_only(dbapi_connection: Any, connection_record: Any) -> None:
-            # Belt and braces beside mode=ro; busy_timeout because writers hold the
-            # WAL lock for a batch at a time and a reader must wait, not fail.
-            cur = dbapi_connection.cursor()
-            cur.execute("PRAGMA query_only = ON")
-            cur.execute("PRAGMA busy_timeout = 5000")
-            cur.close()
-
+        # Belt and braces beside mode=ro; busy_timeout because writers hold the WAL lock
+        # for a batch at a time and a reader must wait, not fail.
+        statements: tuple[str, ...] = ("PRAGMA query_only = ON", "PRAGMA busy_timeout = 5000")
     elif engine.dialect.name == "postgresql":
+        statements = ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",)
+    else:
+        return engine
 
-        @event.listens_for(engine, "connect")
-        def _pg_read_only(dbapi_connection: Any, connection_record: Any) -> None:
-            cur = dbapi_connection.cursor()
-            cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-            cur.close()
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_connection: Any, connection_record: Any) -> None:
+        session_sql(dbapi_connection, *statements)
 
     return engine
 
@@ -197,26 +198,33 @@ def check_db(db: str, engine: Engine | None = None) -> DbStatus:
     return DbStatus("ok", f"{count:,} spans", version, int(count), missing)
 
 
-def missing_indexes(engine: Engine) -> tuple[str, ...]:
-    """The :data:`~hybrid_pd.telemetry.schema.DASHBOARD_INDEXES` a SQLite file lacks.
+def index_names(engine: Engine) -> set[str]:
+    """Names of the indexes on ``spans``.
 
-    Read from ``sqlite_master`` (SQLAlchemy's index reflection skips expression indexes).
-    Other backends report none: their schema is created whole by the exporter.
+    SQLite: from ``sqlite_master`` (SQLAlchemy's SQLite index reflection skips expression
+    indexes); other backends: reflected (PostgreSQL's includes them).
     """
     if engine.dialect.name != "sqlite":
-        return ()
+        return {str(ix["name"]) for ix in inspect(engine).get_indexes(spans_table.name)}
     with engine.connect() as conn:
-        have = set(conn.exec_driver_sql(
+        return set(conn.exec_driver_sql(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'spans'"
         ).scalars())
+
+
+def missing_indexes(engine: Engine) -> tuple[str, ...]:
+    """The :data:`~hybrid_pd.telemetry.schema.DASHBOARD_INDEXES` the database lacks."""
+    have = index_names(engine)
     return tuple(n for n in DASHBOARD_INDEXES if n not in have)
 
 
-def create_index_sql(names: tuple[str, ...]) -> str:
-    """The SQLite DDL that adds the named ``spans`` indexes (for the operator to run)."""
+def create_index_sql(names: tuple[str, ...], dialect_name: str = "sqlite") -> str:
+    """The DDL that adds the named ``spans`` indexes (for the operator to run), in the
+    SQL of ``dialect_name`` (``sqlite`` or ``postgresql``)."""
+    dialect = (sqlite_dialect if dialect_name == "sqlite" else postgresql_dialect).dialect()
     by_name = {ix.name: ix for ix in spans_table.indexes}
     return "\n".join(
-        f"{CreateIndex(by_name[n], if_not_exists=True).compile(dialect=sqlite_dialect.dialect())};"
+        f"{CreateIndex(by_name[n], if_not_exists=True).compile(dialect=dialect)};"
         for n in names
     )
 
@@ -263,6 +271,13 @@ def ranked(base: Subquery, keys: tuple[str, ...], values: tuple[str, ...]) -> Su
     return select(*cols).subquery()
 
 
+def sql_sum(expr: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``SUM(expr)`` of an integer column as an integer on both backends: PostgreSQL sums
+    BIGINT into NUMERIC, which arrives as Decimal (an object column in pandas, and
+    ``Decimal / float`` raises)."""
+    return cast(func.sum(expr), BigInteger)
+
+
 def sql_percentile(r: Subquery, value: str, p: int) -> ColumnElement[Any]:
     """Nearest-rank percentile ``p`` (integer percent) of ``value`` per group of ``r``:
     the ceil(p * n / 100)-th smallest, i.e. (p * n + 99) // 100 in integers."""
@@ -271,7 +286,8 @@ def sql_percentile(r: Subquery, value: str, p: int) -> ColumnElement[Any]:
 
 
 def attr_cols(keys: tuple[str, ...]) -> list[ColumnElement[Any]]:
-    return [span_attr(k).label(k) for k in keys]
+    """Attribute ``keys`` as columns of the same name, each value in its JSON type."""
+    return [span_attr(k, value=True).label(k) for k in keys]
 
 
 def parse_attributes(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:

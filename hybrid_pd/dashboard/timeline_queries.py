@@ -14,6 +14,7 @@ from hybrid_pd.dashboard.queries import (
     fetch_frame,
     parse_attributes,
     sql_literal,
+    sql_sum,
 )
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry.schema import spans_table
@@ -35,13 +36,15 @@ def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 20
             _S.request_id,
             func.min(_S.start_ns).label("start_ns"),
             dur,
-            func.sum(_S.bytes).label("bytes"),
+            sql_sum(_S.bytes).label("bytes"),
             func.count().label("transfers"),
             func.sum(case((_S.status == "ERROR", 1), else_=0)).label("errors"),
         )
         .where(_S.name == sql_literal(A.SPAN_KV_TRANSFER), _S.request_id.is_not(None))
         .group_by(_S.request_id)
-        .order_by(dur.desc() if order == "slowest" else func.min(_S.start_ns).desc())
+        # request_id breaks ties, so both backends list equal requests in one order.
+        .order_by(dur.desc() if order == "slowest" else func.min(_S.start_ns).desc(),
+                  _S.request_id)
         .limit(limit)
     )
     df = fetch_frame(engine, stmt)
@@ -99,6 +102,9 @@ def request_timeline(engine: Engine, request_id: str, handshakes: int = 16) -> p
         hs_df = hs_df[hs_df["engine_id"].isin(engines)]
         hs_df = hs_df.drop_duplicates(subset=["engine_id", "peer_rank"], keep="first")
         df = pd.concat([hs_df, df], ignore_index=True) if not hs_df.empty else df
-    df = df.drop_duplicates(subset=["trace_id", "span_id"]).sort_values("start_ns")
+    # Ids break start-time ties (the handshakes of all D ranks start together), so the
+    # rows come in one order whatever order the backend returned them in.
+    df = df.drop_duplicates(subset=["trace_id", "span_id"])
+    df = df.sort_values(["start_ns", "trace_id", "span_id"])
     df = df.reset_index(drop=True)
     return add_derived(parse_attributes(df, TIMELINE_ATTRS))

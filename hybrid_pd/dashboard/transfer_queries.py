@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import ColumnElement, Engine, Select, case, func, select, union_all
+from sqlalchemy import ColumnElement, Engine, Float, Select, case, cast, func, select, union_all
 
 from hybrid_pd.dashboard.queries import (
     DEFAULT_MAX_ROWS,
@@ -23,6 +23,7 @@ from hybrid_pd.dashboard.queries import (
     spans_by_name,
     sql_literal,
     sql_percentile,
+    sql_sum,
 )
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry.schema import span_attr, spans_table
@@ -134,8 +135,8 @@ def transfer_stats(engine: Engine, start_ns: int | None = None, end_ns: int | No
         *keys,
         func.count().label("transfers"),
         func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label("failed"),
-        func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
-        func.coalesce(func.sum(r.c.duration_ns), 0).label("busy_ns"),
+        func.coalesce(sql_sum(r.c.bytes), 0).label("bytes"),
+        func.coalesce(sql_sum(r.c.duration_ns), 0).label("busy_ns"),
         sql_percentile(r, "duration_ns", 50).label("p50_ns"),
         sql_percentile(r, "duration_ns", 90).label("p90_ns"),
         sql_percentile(r, "duration_ns", 99).label("p99_ns"),
@@ -193,7 +194,7 @@ def transfer_buckets(engine: Engine, lo_ns: int, hi_ns: int,
             *[r.c[k] for k in keys],
             func.count().label("transfers"),
             func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label("failed"),
-            func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+            func.coalesce(sql_sum(r.c.bytes), 0).label("bytes"),
             sql_percentile(r, "duration_ns", 50).label("p50_ns"),
             func.max(r.c.duration_ns).label("max_ns"),
             func.max(case((r.c._rn_duration_ns == r.c._n_duration_ns, r.c.request_id)))
@@ -215,7 +216,7 @@ def read_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None =
     base = (
         select(
             _S.layer_kind, _S.duration_ns, _S.bytes,
-            (_S.bytes * 1.0 / func.nullif(_S.duration_ns, 0)).label("gbps"),
+            (cast(_S.bytes, Float) / func.nullif(_S.duration_ns, 0)).label("gbps"),
             span_attr(A.KV_NIXL_XFER_US, numeric=True).label("xfer_us"),
         )
         .where(_S.name == A.SPAN_KV_READ, *in_window(start_ns, end_ns))
@@ -228,7 +229,7 @@ def read_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None =
         select(
             r.c.layer_kind,
             func.count().label("reads"),
-            func.coalesce(func.sum(r.c.bytes), 0).label("bytes"),
+            func.coalesce(sql_sum(r.c.bytes), 0).label("bytes"),
             (sql_percentile(r, "duration_ns", 50) / 1e3).label("p50_us"),
             sql_percentile(r, "gbps", 50).label("median_gbps"),
             sql_percentile(r, "xfer_us", 50).label("nixl_xfer_p50_us"),

@@ -75,9 +75,12 @@ CONTRACT_COLUMNS: tuple[str, ...] = (
 spans_table = Table(
     "spans",
     metadata_obj,
-    # Surrogate key: SQLite rowid alias, cheap appends.  (trace_id, span_id) is not made
-    # UNIQUE on purpose: one bad duplicate must not make a whole batch fail.
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # Surrogate key: SQLite rowid alias (INTEGER PRIMARY KEY is 64-bit there), cheap
+    # appends; BIGSERIAL on PostgreSQL, whose SERIAL would stop at 2^31 spans in a central
+    # store.  (trace_id, span_id) is not made UNIQUE on purpose: one bad duplicate must
+    # not make a whole batch fail.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
     Column("trace_id", String(32), nullable=False),
     Column("span_id", String(16), nullable=False),
     Column("parent_span_id", String(16), nullable=True),
@@ -118,24 +121,29 @@ class span_attr(FunctionElement[Any]):  # noqa: N801 - reads like the SQL functi
     """One attribute of the JSON ``attributes`` column, as a SQL expression.
 
     SQLite: ``json_extract(attributes, '$."KEY"')``; PostgreSQL: ``(CAST(attributes AS
-    JSONB) ->> 'KEY')``.  The key is rendered as a literal, never a bound parameter, so
-    a query's expression is the very expression an index was built on (SQLite matches
-    expression indexes textually).  ``numeric=True`` yields NULL for anything but a JSON
-    number (the exporter stores NaN/inf as strings), so ``ORDER BY`` and medians stay
-    numeric.
+    JSONB) ->> 'KEY')``, the text form, which comparisons, GROUP BY and the expression
+    index use.  The key is rendered as a literal, never a bound parameter, so a query's
+    expression is the very expression an index was built on (SQLite matches expression
+    indexes textually).  ``numeric=True`` yields NULL for anything but a JSON number (the
+    exporter stores NaN/inf as strings), so ``ORDER BY`` and medians stay numeric.
+    ``value=True`` is for loading: the value in its JSON type, as SQLite's json_extract
+    gives it (numbers stay numbers); on PostgreSQL ``(... -> 'KEY')``, a JSONB the
+    driver decodes (JSON true is True there, 1 in SQLite).
     """
 
     inherit_cache = True
     type = NullType()
 
-    def __init__(self, key: str, numeric: bool = False) -> None:
+    def __init__(self, key: str, numeric: bool = False, value: bool = False) -> None:
         if "'" in key or '"' in key:
             raise ValueError(f"attribute key {key!r} must not contain quotes")
+        if numeric and value:
+            raise ValueError("span_attr: numeric and value are exclusive")
         self.attr_key = key
-        self.numeric = numeric
-        # The key and the flag as literal clauses: part of the statement's cache key.
+        self.mode = "number" if numeric else "value" if value else "text"
+        # The key and the mode as literal clauses: part of the statement's cache key.
         super().__init__(spans_table.c.attributes, literal_column(f"'{key}'"),
-                         literal_column("1" if numeric else "0"))
+                         literal_column(f"'{self.mode}'"))
 
 
 @compiles(span_attr)
@@ -143,7 +151,7 @@ def _span_attr_sqlite(element: span_attr, compiler: SQLCompiler, **kw: Any) -> s
     col = compiler.process(next(iter(element.clauses)), **kw)
     path = f"""'$."{element.attr_key}"'"""
     value = f"json_extract({col}, {path})"
-    if element.numeric:
+    if element.mode == "number":
         return f"CASE WHEN json_type({col}, {path}) IN ('integer', 'real') THEN {value} END"
     return value
 
@@ -151,9 +159,11 @@ def _span_attr_sqlite(element: span_attr, compiler: SQLCompiler, **kw: Any) -> s
 @compiles(span_attr, "postgresql")
 def _span_attr_pg(element: span_attr, compiler: SQLCompiler, **kw: Any) -> str:
     col = f"CAST({compiler.process(next(iter(element.clauses)), **kw)} AS JSONB)"
-    if element.numeric:
+    if element.mode == "number":
         return (f"(CASE WHEN jsonb_typeof({col} -> '{element.attr_key}') = 'number' "
                 f"THEN CAST({col} ->> '{element.attr_key}' AS DOUBLE PRECISION) END)")
+    if element.mode == "value":
+        return f"({col} -> '{element.attr_key}')"
     return f"({col} ->> '{element.attr_key}')"
 
 

@@ -1,14 +1,17 @@
 """An OpenTelemetry ``SpanExporter`` that writes spans into one SQL database.
 
 Several processes (prefill engine, decode engine, proxy, bench workers) write the same
-SQLite file at once.  What makes that safe and cheap:
+database at once: a SQLite file (the embedded default) or a PostgreSQL database (the
+central store).  What makes that safe and cheap:
 
-* WAL journal, ``busy_timeout`` and ``synchronous=NORMAL`` set in a ``connect`` hook on
-  *our* engine only -- WAL lets readers (the dashboard) run beside writers,
-  the busy timeout makes a writer wait for the lock instead of failing at once;
+* on SQLite, WAL journal, ``busy_timeout`` and ``synchronous=NORMAL`` set in a
+  ``connect`` hook on *our* engine only -- WAL lets readers (the dashboard) run beside
+  writers, the busy timeout makes a writer wait for the lock instead of failing at once;
+  on PostgreSQL, ``lock_timeout`` plays the busy timeout's part (:mod:`.store`);
 * one transaction per batch (``engine.begin()`` + executemany), so a batch is stored
   whole or not at all, and the write lock is taken once per batch, not per span;
-* a bounded retry on "database is locked".
+* a bounded retry on "database is locked" (PostgreSQL: lock timeout, deadlock);
+* schema creation serialised across processes (on PostgreSQL by an advisory lock).
 
 It must never block or break serving.  It runs on the BatchSpanProcessor's worker
 thread, never on a serving thread, and ``export`` never raises: on a locked, full or
@@ -18,10 +21,11 @@ a rate-limited log line), returns ``SpanExportResult.FAILURE`` and carries on wi
 next batch.  The worst case per batch is ``(max_retries + 1) * busy_timeout`` plus the
 back-off (about 20 s with the defaults).
 
-The target is a SQLAlchemy URL, or a plain file path meaning SQLite.  PostgreSQL works
-by changing the URL (``postgresql+psycopg://user@host/db``, driver installed separately);
-the SQLite PRAGMAs are then skipped and the schema is the same.  Only SQLite is tested.
-A database whose schema version is newer than ours is refused with
+The target is a SQLAlchemy URL, or a plain file path meaning SQLite.  PostgreSQL is the
+same code with another URL (``postgresql+psycopg://user@host/db``; psycopg 3, installed
+by ``scripts/setup.sh``): same tables, columns and indexes, and both are tested.  The
+sink keeps the name ``sqlite`` on either backend (counters, ``Telemetry.sinks``).  A
+database whose schema version is newer than ours is refused with
 :class:`SchemaVersionError`.
 
 Drops are stored too, so a reader of the file (the dashboard) can tell that spans are
@@ -57,24 +61,23 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
-    create_engine,
-    event,
     func,
     insert,
     select,
 )
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from hybrid_pd.telemetry import attributes as A
-from hybrid_pd.telemetry import counters
+from hybrid_pd.telemetry import counters, store
 from hybrid_pd.telemetry.schema import (
     SCHEMA_VERSION,
     metadata_obj,
     schema_version_table,
     spans_table,
 )
+from hybrid_pd.telemetry.store import to_url
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +107,6 @@ class SchemaVersionError(RuntimeError):
     """The database was written by a newer hybrid-pd whose schema we do not understand."""
 
 
-def to_url(db: str | os.PathLike[str] | URL) -> URL:
-    """A SQLAlchemy URL from a URL string/object or a plain path (meaning a SQLite file)."""
-    if isinstance(db, URL):
-        return db
-    s = os.fspath(db)
-    if "://" in s:
-        return make_url(s)
-    return URL.create("sqlite", database=str(Path(s).expanduser().resolve()))
-
-
 def _writer_tag() -> str:
     try:
         return f"hybrid-pd {version('hybrid-pd')}"
@@ -121,31 +114,9 @@ def _writer_tag() -> str:
         return "hybrid-pd (source)"
 
 
-def _is_locked(exc: BaseException) -> bool:
-    # sqlite3 says "database is locked" (SQLITE_BUSY) or "database table is locked";
-    # both mean "somebody else holds the lock, try again later".
-    msg = str(getattr(exc, "orig", exc)).lower()
-    return "locked" in msg or "busy" in msg
-
-
-def _short(exc: BaseException) -> str:
-    """``OperationalError: database is locked`` rather than SQLAlchemy's multi-line text."""
-    orig = getattr(exc, "orig", None)
-    return f"{type(orig or exc).__name__}: {orig or exc}"
-
-
 def _reason(exc: BaseException) -> str:
     """A low-cardinality label for the drop counter."""
-    if isinstance(exc, SchemaVersionError):
-        return "schema"
-    msg = str(getattr(exc, "orig", exc)).lower()
-    if _is_locked(exc):
-        return "locked"
-    if "full" in msg:
-        return "full"
-    if "unable to open" in msg or "readonly" in msg or "read-only" in msg or "permission" in msg:
-        return "unwritable"
-    return "error"
+    return "schema" if isinstance(exc, SchemaVersionError) else store.reason(exc)
 
 
 def _as_int(v: Any) -> int | None:
@@ -251,10 +222,8 @@ class SQLiteSpanExporter(SpanExporter):
                 Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             except OSError:
                 pass
-        connect_args = {"timeout": busy_timeout_ms / 1000} if self.is_sqlite else {}
-        self.engine = engine or create_engine(self.url, connect_args=connect_args)
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", self._on_connect)
+        self.engine = engine or store.make_engine(self.url, busy_timeout_ms)
+        store.configure(self.engine, busy_timeout_ms)
 
         self.exported = 0
         self.dropped = 0
@@ -273,26 +242,11 @@ class SQLiteSpanExporter(SpanExporter):
             self.engine.dispose()
             raise  # a configuration error: refuse loudly at start, not per batch
         except Exception as exc:  # locked/unwritable now: retried at the next export
-            self.last_error = _short(exc)
+            self.last_error = store.short(exc)
             logger.warning(
                 "telemetry database %s not ready (%s); spans will be dropped and counted "
                 "until it is", self.url.render_as_string(hide_password=True), self.last_error,
             )
-
-    # ------------------------------------------------------------------ connection set-up
-
-    def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
-        # busy_timeout first so that switching to WAL (which needs a brief exclusive lock
-        # on a fresh file) waits for other processes instead of failing.
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            cur.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable across application crashes in WAL mode (only an OS crash
-            # can lose the last transactions) and avoids an fsync per batch.
-            cur.execute("PRAGMA synchronous=NORMAL")
-        finally:
-            cur.close()
 
     def ensure_schema(self) -> None:
         """Create tables/indexes if missing and check the schema version (idempotent)."""
@@ -301,6 +255,7 @@ class SQLiteSpanExporter(SpanExporter):
         for attempt in range(self.max_retries + 1):
             try:
                 with self.engine.begin() as conn:
+                    store.lock_schema(conn)
                     for table in metadata_obj.sorted_tables:
                         conn.execute(CreateTable(table, if_not_exists=True))
                         for index in sorted(table.indexes, key=lambda i: str(i.name)):
@@ -327,7 +282,7 @@ class SQLiteSpanExporter(SpanExporter):
             except IntegrityError:
                 continue  # another process inserted the version row first: re-read it
             except OperationalError as exc:
-                if attempt < self.max_retries and _is_locked(exc):
+                if attempt < self.max_retries and store.is_locked(exc):
                     self._backoff(attempt)
                     continue
                 raise
@@ -341,8 +296,6 @@ class SQLiteSpanExporter(SpanExporter):
     def _backoff(self, attempt: int) -> None:
         # Jitter so that processes that collided do not collide again in lockstep.
         time.sleep(self.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
-
-    # ------------------------------------------------------------------------- exporting
 
     # ------------------------------------------------------------------ drop records
 
@@ -396,7 +349,7 @@ class SQLiteSpanExporter(SpanExporter):
             return True
         except Exception as exc:  # the counters still have them; never raise here
             self._give_back(rows)
-            logger.warning("telemetry: could not record %d drop rows: %s", len(rows), _short(exc))
+            logger.warning("telemetry: could not record %d drop rows: %s", len(rows), store.short(exc))
             return False
 
     # ------------------------------------------------------------------------- exporting
@@ -434,7 +387,7 @@ class SQLiteSpanExporter(SpanExporter):
                 break
             except DBAPIError as exc:
                 last = exc
-                if attempt < self.max_retries and _is_locked(exc):
+                if attempt < self.max_retries and store.is_locked(exc):
                     self._backoff(attempt)
                     continue
                 break
@@ -444,7 +397,7 @@ class SQLiteSpanExporter(SpanExporter):
             finally:
                 self._give_back(drop_rows)  # empty after a commit
         assert last is not None
-        self._drop(n, _reason(last), _short(last))
+        self._drop(n, _reason(last), store.short(last))
         return SpanExportResult.FAILURE
 
     def _drop(self, n: int, reason: str, detail: str) -> None:
