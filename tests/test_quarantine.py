@@ -20,6 +20,7 @@ from test_vllm_tracing import FakeScheduler, Guarded, recv_meta
 
 from hybrid_pd.connector import quarantine as q
 from hybrid_pd.connector.reports import NotifySchedulerMixin, WorkerReport
+from hybrid_pd.transfer.reads import held_read_ended
 
 
 class QScheduler(q.QuarantineSchedulerMixin, FakeScheduler):
@@ -69,7 +70,7 @@ def test_only_a_remote_disconnect_error_ends_a_held_read(exc: Exception, ends: b
         def check_xfer_state(self, h: int) -> str:
             raise exc
 
-    assert (q._ended(Raising(), 1) is not None) is ends
+    assert (held_read_ended(Raising(), 1) is not None) is ends
 
 
 def test_scheduler_withholds_finished_recving_until_every_rank_cleared() -> None:

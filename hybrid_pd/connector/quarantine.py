@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid_pd.connector.reports import WorkerReport, pending_report
-from hybrid_pd.transfer.reads import ReadResult, now_ns, release
+from hybrid_pd.transfer.reads import ReadResult, held_read_ended, now_ns, release
 
 logger = logging.getLogger("hybrid_pd.connector")
 
@@ -71,21 +71,6 @@ def peer_gone(peer: tuple[str, int] | None) -> bool:
     except OSError:
         return False
     return False
-
-
-def _ended(agent: Any, handle: Any) -> str | None:
-    """How a held READ ended (None: still in flight, or NIXL's answer does not prove that
-    no byte can land any more)."""
-    try:
-        state = agent.check_xfer_state(handle)
-    except Exception as exc:
-        if "RemoteDisconnect" in type(exc).__name__ or "REMOTE_DISCONNECT" in str(exc):
-            return "peer disconnected (nothing more can land)"
-        return None
-    if state == "PROC":
-        return None
-    return "READ completed late (its bytes landed in the held blocks)" if state == "DONE" \
-        else f"READ ended {state}"
 
 
 class QuarantineWorkerMixin:
@@ -120,7 +105,7 @@ class QuarantineWorkerMixin:
         w: Any = self
         held = self.hy_held
         for handle, h in list(held.items()):
-            how = _ended(w.nixl_wrapper, handle)
+            how = held_read_ended(w.nixl_wrapper, handle)
             if how is None and time.monotonic() - h.probed >= PROBE_INTERVAL_S:
                 h.probed = time.monotonic()
                 if peer_gone(h.peer):

@@ -60,6 +60,7 @@ from hybrid_pd.transfer.reads import (
     ReadResult,
     StallGuard,
     abort_read,
+    held_read_ended,
     layer_kinds,
     now_ns,
     plan_parts,
@@ -408,11 +409,7 @@ class NixlExecutor:
         why a new READ must not start."""
         still = []
         for handle, rec, peer_agent in self.held:
-            try:
-                state = self.agent.check_xfer_state(handle)
-            except Exception as exc:  # a dead peer: nothing more can land
-                state = "ERR" if "RemoteDisconnect" in type(exc).__name__ else "PROC"
-            if state == "PROC":
+            if held_read_ended(self.agent, handle) is None:
                 still.append((handle, rec, peer_agent))
             else:
                 release(self.agent, handle)

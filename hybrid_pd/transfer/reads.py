@@ -204,6 +204,22 @@ def release(agent: Any, handle: Any) -> str:
     return ""
 
 
+def held_read_ended(agent: Any, handle: Any) -> str | None:
+    """How a given-up (held) READ ended; None while it may still write: in flight, or
+    NIXL's answer does not prove that no byte can land any more (only a remote
+    disconnect does; NIXL 1.5.1's release does not cancel a READ)."""
+    try:
+        state = agent.check_xfer_state(handle)
+    except Exception as exc:
+        if "RemoteDisconnect" in type(exc).__name__ or "REMOTE_DISCONNECT" in str(exc):
+            return "peer disconnected (nothing more can land)"
+        return None
+    if state == "PROC":
+        return None
+    return "READ completed late (its bytes landed in the held blocks)" if state == "DONE" \
+        else f"READ ended {state}"
+
+
 def post_reads(agent: Any, local_view: Any, remote_view: Any, parts: Sequence[ReadPart], *,
                prefill_rank: int, notif: bytes | None = None,
                request_id: str = "", peer_engine: str = "") -> list[tuple[Any, ReadResult]]:

@@ -327,19 +327,12 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
     with httpx.Client(timeout=30) as c:
         d_before = scrape_nixl_metrics(c, pair.decode)
         p_before = scrape_nixl_metrics(c, pair.prefill)
-        b = body(prompt(PROMPT_TOKENS, salt=2))
-        answer = prefill_on_p(c, pair, b["prompt"], rid)
-        pair.signal("prefill", signal.SIGSTOP)
         try:
-            r, elapsed = timed_post(c, pair.decode, decode_request(b, answer), bound, rid)
-            d_log = pair.log("decode")
-            print(f"\nD answered {r.status_code if r else 'nothing'} after {elapsed:.2f} s: "
-                  f"{r.text if r else ''}\n{request_lines(d_log, rid)}")
+            r, elapsed, d_log = read_from_stopped_p(c, pair, body(prompt(PROMPT_TOKENS, salt=2)),
+                                                    rid, bound)
+            print(f"\nD answered {r.status_code} after {elapsed:.2f} s: {r.text}\n"
+                  f"{request_lines(d_log, rid)}")
             assert f"hybrid connector: req cmpl-{rid}" in d_log, "D never posted the READ"
-            assert_error(r, elapsed, bound, "READ from a stopped P", d_log)
-            assert elapsed >= READ_TIMEOUT_S, (
-                f"D failed after {elapsed:.2f} s, before the {READ_TIMEOUT_S} s read timeout: "
-                f"not a stall\n{request_lines(d_log, rid)}")
             assert_serves(c, pair.decode, "D (P still stopped)")
         finally:
             pair.signal("prefill", signal.SIGCONT)
@@ -365,6 +358,23 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
         print(f"idle {idle:.1f} s later; P: expired leases +{p_delta.kv_expired:.0f}, "
               f"notifications after expiry +{p_delta.notifs_after_expiry:.0f}; P freed the "
               f"aborted request's blocks by {how}")
+
+
+def read_from_stopped_p(c: httpx.Client, pair: Pair, b: dict, rid: str, bound: float
+                        ) -> tuple[httpx.Response, float, str]:
+    """Prefill ``b`` on P, SIGSTOP P, then ask D for it: D's READ stalls.  D must fail
+    after the read timeout (not before: that shows the READ really stalled) and within
+    ``bound``.  (answer, seconds, D's log); P stays stopped: the caller continues it."""
+    answer = prefill_on_p(c, pair, b["prompt"], rid)
+    pair.signal("prefill", signal.SIGSTOP)
+    r, elapsed = timed_post(c, pair.decode, decode_request(b, answer), bound, rid)
+    d_log = pair.log("decode")
+    assert_error(r, elapsed, bound, "READ from a stopped P", d_log)
+    assert elapsed >= READ_TIMEOUT_S, (
+        f"D failed after {elapsed:.2f} s, before the {READ_TIMEOUT_S} s read timeout: "
+        f"not a stall\n{request_lines(d_log, rid)}")
+    assert r is not None
+    return r, elapsed, d_log
 
 
 def stream_tokens(c: httpx.Client, base: str, payload: dict, first: threading.Event) -> list[int]:
@@ -397,14 +407,9 @@ def test_late_read_cannot_corrupt_the_next_request(tcp_pair):
         r = c.post(pair.prefill + "/v1/completions", json=b_long, timeout=180)
         assert r.status_code == 200, r.text
         reference = r.json()["choices"][0]["token_ids"]
-        a = body(prompt(PROMPT_TOKENS, salt=8))
-        answer = prefill_on_p(c, pair, a["prompt"], rid)
-        pair.signal("prefill", signal.SIGSTOP)
         try:
-            r, elapsed = timed_post(c, pair.decode, decode_request(a, answer), bound, rid)
-            d_log = pair.log("decode")
-            assert_error(r, elapsed, bound, "READ from a stopped P", d_log)
-            assert elapsed >= READ_TIMEOUT_S, f"A failed after {elapsed:.2f} s: not a stall"
+            _, elapsed, _ = read_from_stopped_p(c, pair, body(prompt(PROMPT_TOKENS, salt=8)),
+                                                rid, bound)
             first = threading.Event()
             fut = pool.submit(stream_tokens, c, pair.decode, b_long, first)
             # unprotected, B runs in A's blocks now: resume P as soon as B generates
