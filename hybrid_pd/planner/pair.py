@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from itertools import accumulate, chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,10 +34,8 @@ from hybrid_pd.planner.model_spec import HybridModelSpec, LayerKind
 from hybrid_pd.planner.segments import Recipe, Segment, Stack, merge_across
 from hybrid_pd.planner.templates import peer_templates
 
-BlockIds = tuple[np.ndarray, ...]  # one int64 array per HMA group
 
-
-def _as_ids(ids: Sequence[int] | np.ndarray, who: str, gi: int, kind: str,
+def _as_ids(ids: Sequence[int] | np.ndarray, who: str, gi: int, kind: LayerKind,
             num_blocks: int) -> np.ndarray:
     """One group's block ids as int64, refusing anything that is not an int in range
     (values beyond int64 are checked in Python: numpy would not hold them)."""
@@ -53,8 +53,34 @@ def _as_ids(ids: Sequence[int] | np.ndarray, who: str, gi: int, kind: str,
             raise ValueError(f"{who}: group {gi} block id {b!r} is not an int")
         if not 0 <= b < num_blocks:
             raise ValueError(
-                f"{who}: group {gi} ({kind}) block id {b} out of range [0, {num_blocks})")
+                f"{who}: group {gi} ({kind.value}) block id {b} out of range [0, {num_blocks})")
     raise ValueError(f"{who}: group {gi} block ids are not a flat list of ints")
+
+
+class BlockIds(NamedTuple):
+    """One request side's block ids: every group's ids back to back in ``flat`` (int64),
+    ``groups[g]`` a view of group ``g`` starting at ``starts[g]``."""
+
+    groups: tuple[np.ndarray, ...]
+    flat: np.ndarray
+    starts: tuple[int, ...]
+
+    def stacked(self, gis: Sequence[int]) -> np.ndarray:
+        """Consecutive groups of equal length as one ``(G, n)`` view (no copy)."""
+        at, n = self.starts[gis[0]], len(self.groups[gis[0]])
+        return self.flat[at:at + n * len(gis)].reshape(len(gis), n)
+
+
+def _flat_ids(block_ids: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """Every group's ids in one int64 array through one conversion; None when any id is
+    not a plain int (the per-group path then says which)."""
+    try:
+        arr = np.asarray(list(chain.from_iterable(block_ids)))
+    except (ValueError, TypeError):
+        return None
+    if arr.ndim == 1 and arr.dtype.kind == "i" and arr.dtype.itemsize <= 8:
+        return arr.astype(np.int64, copy=False)
+    return np.empty(0, np.int64) if arr.ndim == 1 and arr.size == 0 else None
 
 
 def _check_block_ids(
@@ -66,28 +92,37 @@ def _check_block_ids(
             f"{who}: got block ids for {len(block_ids)} KV cache groups, the model has "
             f"{len(groups)} ({', '.join(g.kind.value for g in groups)})"
         )
-    out = []
-    for gi, (group, ids) in enumerate(zip(groups, block_ids, strict=True)):
-        arr = _as_ids(ids, who, gi, group.kind.value, layout.num_blocks)
+    try:
+        lens = [len(ids) for ids in block_ids]
+        flat = _flat_ids(block_ids)
+    except TypeError:  # a group without a length: the per-group path names it
+        flat = None
+    if flat is None:
+        per_group = [_as_ids(ids, who, gi, g.kind, layout.num_blocks)
+                     for gi, (g, ids) in enumerate(zip(groups, block_ids, strict=True))]
+        lens = [len(ids) for ids in per_group]
+        flat = np.concatenate(per_group) if per_group else np.empty(0, np.int64)
+    starts = (0, *accumulate(lens))
+    out = tuple(flat[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True))
+    need = -(-num_tokens // layout.block_size)  # attention blocks holding the tokens
+    for gi, (group, n) in enumerate(zip(groups, lens, strict=True)):
         if group.kind is LayerKind.ATTENTION:
-            need = cdiv(num_tokens, layout.block_size)
-            if len(arr) < need:
+            if n < need:
                 raise ValueError(
-                    f"{who}: attention group {gi} has {len(arr)} blocks but {num_tokens} "
+                    f"{who}: attention group {gi} has {n} blocks but {num_tokens} "
                     f"tokens need {need} blocks of {layout.block_size}"
                 )
-        elif not len(arr):
+        elif not n:
             raise ValueError(f"{who}: Mamba group {gi} has no block for the request's state")
-        out.append(arr)
-    _check_pool(layout, out, who)
-    return tuple(out)
+    _check_pool(layout, out, flat, who)
+    return BlockIds(out, flat, starts[:-1])
 
 
-def _check_pool(layout: EngineLayout, ids: list[np.ndarray], who: str) -> None:
+def _check_pool(layout: EngineLayout, ids: Sequence[np.ndarray], flat: np.ndarray,
+                who: str) -> None:
     """Every id inside the pool, and (HMA groups share one block pool) each id at most
     once over all groups: checked on all groups at once."""
-    flat = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    if len(flat) and (flat.min() < 0 or flat.max() >= layout.num_blocks):
+    if len(flat) and (np.minimum.reduce(flat) < 0 or np.maximum.reduce(flat) >= layout.num_blocks):
         for gi, (arr, group) in enumerate(zip(ids, layout.hma_groups, strict=True)):
             bad = (arr < 0) | (arr >= layout.num_blocks)
             if bad.any():
@@ -270,9 +305,10 @@ class PairPlan:
         d_ids = _check_block_ids(self.decode, decode_block_ids, "decode", num_tokens)
         p_ids = _check_block_ids(self.prefill, prefill_block_ids, "prefill", num_tokens)
         for gi, g in enumerate(self.decode.hma_groups):
-            if g.kind is LayerKind.MAMBA and len(d_ids[gi]) != len(p_ids[gi]):
+            if g.kind is LayerKind.MAMBA and len(d_ids.groups[gi]) != len(p_ids.groups[gi]):
                 raise ValueError(
-                    f"Mamba group {gi}: {len(d_ids[gi])} decode blocks but {len(p_ids[gi])} "
+                    f"Mamba group {gi}: {len(d_ids.groups[gi])} decode blocks but "
+                    f"{len(p_ids.groups[gi])} "
                     "prefill blocks; states are paired one to one"
                 )
         n_kb = cdiv(num_tokens, self.decode.kernel_block_size)
@@ -300,8 +336,8 @@ class PairPlan:
 
     # -- per request --------------------------------------------------------------------
     def _stacks_for(self, d_ids: BlockIds) -> tuple[Stack, ...]:
-        same = tuple(gi > 0 and len(d_ids[gi]) == len(d_ids[gi - 1])
-                     for gi in range(len(d_ids)))
+        g = d_ids.groups
+        same = tuple(gi > 0 and len(g[gi]) == len(g[gi - 1]) for gi in range(len(g)))
         stacks = self._stack_cache.get(same)  # at most 2**groups keys
         if stacks is None:
             stacks = _stacks(self.decode.hma_groups, same, self._region_of)
@@ -338,8 +374,7 @@ class PairPlan:
             if recipe is None:
                 continue
             gis = stack.groups
-            d_blocks = d_ids[gis[0]][None] if len(gis) == 1 else np.stack([d_ids[g] for g in gis])
-            p_blocks = p_ids[gis[0]][None] if len(gis) == 1 else np.stack([p_ids[g] for g in gis])
+            d_blocks, p_blocks = d_ids.stacked(gis), p_ids.stacked(gis)
             if stack.attention:
                 if not n_kb:
                     continue
@@ -354,33 +389,36 @@ class PairPlan:
         if not segs:
             return None
         sizes = [seg.size for seg in segs]
-        lids, rids = np.empty(sum(sizes), np.int64), np.empty(sum(sizes), np.int64)
-        at = 0
+        total = sum(sizes)
+        lids, rids = np.empty(total, np.int64), np.empty(total, np.int64)
+        at, nbytes = 0, 0
         for seg, n in zip(segs, sizes, strict=True):
             seg.ids_into(lids[at:at + n], rids[at:at + n])
-            at += n
-        return ReadPlan(t.prefill_rank, lids, rids, sum(seg.bytes for seg in segs),
+            at, nbytes = at + n, nbytes + seg.bytes
+        return ReadPlan(t.prefill_rank, lids, rids, nbytes,
                         partial(_merged if merge else _units, segs))
 
     def _kernel_blocks(self, d_blocks: np.ndarray, p_blocks: np.ndarray, n_kb: int
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Kernel block ``i`` of a side is ``ids[i // ratio] * ratio + i % ratio``, with
         each side's own ratio, for the ``n_kb`` kernel blocks that hold tokens."""
-        out = []
-        for blocks, ratio in ((d_blocks, self.decode.ratio), (p_blocks, self.prefill.ratio)):
-            if ratio == 1:
-                out.append(blocks[:, :n_kb])
-            else:  # broadcasting, not i // ratio and i % ratio: 5x faster at 8,192 blocks
-                first = blocks[:, :cdiv(n_kb, ratio)] * ratio
-                every = (first[:, :, None] + self._kb_offsets(ratio)).reshape(len(blocks), -1)
-                out.append(every[:, :n_kb])
-        return out[0], out[1]
+        return (_kernel_positions(d_blocks, self._kb_offsets(self.decode.ratio), n_kb),
+                _kernel_positions(p_blocks, self._kb_offsets(self.prefill.ratio), n_kb))
 
     def _kb_offsets(self, ratio: int) -> np.ndarray:
         got = self._aranges.get(ratio)
         if got is None:
             got = self._aranges[ratio] = np.arange(ratio, dtype=np.int64)
         return got
+
+
+def _kernel_positions(blocks: np.ndarray, offsets: np.ndarray, n_kb: int) -> np.ndarray:
+    ratio = len(offsets)
+    if ratio == 1:
+        return blocks[:, :n_kb]
+    # broadcasting, not i // ratio and i % ratio: 5x faster at 8,192 kernel blocks
+    first = blocks[:, :-(-n_kb // ratio)] * ratio
+    return (first[:, :, None] + offsets).reshape(len(blocks), -1)[:, :n_kb]
 
 
 def _units(segs: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray]:

@@ -51,15 +51,16 @@ class Segment:
 
     @property
     def bytes(self) -> int:
-        nl, k = self.regions.shape[1], self.d_pos.shape[1]
-        return len(self.regions) * nl * k * int(self.recipe.lengths.sum())
+        (g, nl), k = self.regions.shape, self.d_pos.shape[1]
+        return g * nl * k * self.recipe.run_bytes
 
     def ids_into(self, local: np.ndarray, remote: np.ndarray) -> None:
         """Dual-view ids ``[group, layer, position, run]`` into the two flat arrays."""
-        (g, nl), k, n = self.regions.shape, self.d_pos.shape[1], len(self.recipe.runs)
-        for out, pos, first in zip((local, remote), (self.d_pos, self.p_pos),
-                                   self.recipe.first, strict=True):
-            np.add(first[:, :, None, :], pos[:, None, :, None], out=out.reshape(g, nl, k, n))
+        (g, nl), k = self.regions.shape, self.d_pos.shape[1]
+        shape = (g, nl, k, len(self.recipe.runs))
+        d_first, p_first = self.recipe.first_4d
+        np.add(d_first, self.d_pos[:, None, :, None], out=local.reshape(shape))
+        np.add(p_first, self.p_pos[:, None, :, None], out=remote.reshape(shape))
 
     def _offsets(self) -> tuple[np.ndarray, np.ndarray]:
         if self._offs is None:
@@ -155,12 +156,13 @@ class Segment:
 class Recipe:
     """One stack read from one P rank: the block-id-independent half of its units.
 
-    ``strides``: bytes per block position on (D, P); ``per_region``: dual-view ids per
-    (region, run) on (D, P); ``bases``: the first id of this kind on (D, P); ``lens``:
-    each side's region lengths (a unit must end inside its layer's region)."""
+    ``strides``: bytes per block position on (D, P); ``per_region``: block positions
+    per (region, run) on (D, P), so also the dual-view ids per (region, run); ``bases``:
+    the first id of this kind on (D, P); ``lens``: each side's region lengths (a unit
+    must end inside its layer's region)."""
 
     __slots__ = ("stack", "runs", "strides", "run_off", "lengths", "first", "run_end",
-                 "limits", "simple")
+                 "limits", "simple", "proven", "run_bytes", "first_4d")
 
     def __init__(self, stack: Stack, runs: Sequence[Run], strides: tuple[int, int],
                  per_region: tuple[int, int], bases: tuple[int, int],
@@ -179,6 +181,14 @@ class Recipe:
         self.simple = bool(all(o.min() >= 0 for o in self.run_off)
                            and self.lengths.min() > 0 and r.min() >= 0
                            and r.max() < min(len(ln) for ln in lens))
+        # Block ids are range-checked, so positions stay below ``per_region``: when even
+        # the last position's units fit every layer's region (true unless a region is
+        # shorter than the layout says), no request needs a bounds check on that side.
+        self.proven = tuple(self.simple and (n - 1) * s + end <= int(limit.min())
+                            for n, s, end, limit in zip(per_region, strides, self.run_end,
+                                                        self.limits, strict=True))
+        self.run_bytes = int(self.lengths.sum())
+        self.first_4d = tuple(f[:, :, None, :] for f in self.first)  # (G, L, 1, n) views
 
     def segment(self, d_pos: np.ndarray, p_pos: np.ndarray,
                 name: Callable[[int, int, int], str], lens: tuple[tuple[int, ...], ...],
@@ -187,10 +197,14 @@ class Recipe:
         every unit ends at most at ``max position * stride + the last run's end``, so one
         comparison per group and side proves the whole stack in bounds."""
         seg = Segment(self, d_pos, p_pos, name)
-        for side, pos, s, end, limit, ln, w in zip(
+        if self.proven == (True, True):
+            return seg
+        for side, pos, s, end, limit, ln, w, proven in zip(
                 ("local", "remote"), (d_pos, p_pos), self.strides, self.run_end, self.limits,
-                lens, who, strict=True):
-            if not self.simple or (pos.max(axis=1) * s + end > limit).any():
+                lens, who, self.proven, strict=True):
+            if proven:
+                continue
+            if not self.simple or (np.maximum.reduce(pos, axis=1) * s + end > limit).any():
                 seg.check(side, ln, w)
         return seg
 
