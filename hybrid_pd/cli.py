@@ -11,7 +11,7 @@ import sys
 _COMMANDS: dict[str, str] = {
     "make-model": "hybrid_pd.tiny_models",
     "serve": "hybrid_pd.serve.cli",
-    "proxy": "hybrid_pd.serve.proxy",
+    "proxy": "hybrid_pd.serve.proxy_cli",
     "demo": "hybrid_pd.demo",
     "patches": "hybrid_pd.engine_patches.cli",
     "plan": "hybrid_pd.planner.cli",

@@ -60,8 +60,9 @@ def scrape_nixl_metrics(client: httpx.Client, base_url: str) -> NixlMetrics:
     return parse_nixl_metrics(resp.text)
 
 
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 (despite the name), per engine core
 # Engine gauges that are all 0 when an engine holds no request and no KV block.
-IDLE_GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
+IDLE_GAUGES = (KV_CACHE_USAGE, "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def parse_gauges(text: str, names: tuple[str, ...] = IDLE_GAUGES) -> dict[str, float]:
@@ -79,3 +80,12 @@ def scrape_gauges(client: httpx.Client, base_url: str,
     resp = client.get(base_url.rstrip("/") + "/metrics")
     resp.raise_for_status()
     return parse_gauges(resp.text, names)
+
+
+def parse_kv_cache_usage(text: str) -> float | None:
+    """An engine's KV cache usage (0..1) from its ``/metrics`` text: the highest over the
+    gauge's label sets (one per engine core under data parallelism: the fullest one is
+    what refuses the next request); None when the engine does not export it."""
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == KV_CACHE_USAGE]
+    return max(values) if values else None

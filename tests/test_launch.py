@@ -301,3 +301,109 @@ def test_api_key_reaches_every_child_by_environment_never_by_command_line(tmp_pa
     with pytest.raises(SystemExit, match="without spaces"):
         launch_config_from_args(serve_args("/m", "--api-key", "two words", "--no-telemetry"),
                                 tmp_path)
+
+
+# -- multi-host: one engine per host (serve --role), the router in front (proxy) ------------
+
+
+def role_supervisor(tmp_path: Path, *argv: str):
+    from hybrid_pd.serve.cli import supervisor_from_args
+
+    args = serve_args("/m", *argv)
+    cfg = launch_config_from_args(args, tmp_path)
+    return args, cfg, supervisor_from_args(args, cfg, tmp_path)
+
+
+def test_serve_role_prefill_builds_one_engine_and_no_proxy(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(E.ENV_SIDE_CHANNEL_HOST, raising=False)
+    args, cfg, sup = role_supervisor(tmp_path, "--role", "prefill", "--engine-host", "10.0.0.5",
+                                     "--prefill-side-channel-port", "5611")
+    (p,) = sup.children  # P alone: no D, no proxy
+    assert p.name == "prefill" and not any("proxy" in part for part in p.cmd)
+    assert kv_config_of(p.cmd)["kv_role"] == "kv_producer"
+    assert p.cmd[p.cmd.index("--host") + 1] == "10.0.0.5"
+    assert p.cmd[p.cmd.index("--port") + 1] == str(settings.PORT_PREFILL)
+    # the side channel D is told to connect to: this host's address, the chosen port
+    assert p.env[E.ENV_SIDE_CHANNEL_HOST] == "10.0.0.5" and p.env[settings.ENV_SIDE_CHANNEL_PORT] == "5611"
+    assert p.health_url == f"http://10.0.0.5:{settings.PORT_PREFILL}/health"
+    # its telemetry, as the all-in-one serve gives P
+    assert p.env[settings.ENV_TELEMETRY_DB] == cfg.telemetry_db and p.env[settings.ENV_ROLE] == "prefill"
+    if E.ENV_CPU_THREADS_BIND not in os.environ:  # the whole machine is this engine's
+        cores = sorted(os.sched_getaffinity(0))
+        assert p.env[E.ENV_CPU_THREADS_BIND] == plan_cpu_binding([("prefill", 1)], cores, "split")["prefill"]
+
+
+def test_serve_role_decode_on_every_interface_with_an_explicit_side_channel(tmp_path: Path,
+                                                                            monkeypatch):
+    from hybrid_pd.serve.cli import describe_engine
+
+    monkeypatch.setenv(E.ENV_SIDE_CHANNEL_HOST, "127.0.0.1")  # the flag wins over it
+    args, cfg, sup = role_supervisor(tmp_path, "--role", "decode", "--host", "0.0.0.0",
+                                     "--side-channel-host", "10.0.0.6", "--decode-port", "8201",
+                                     "--no-telemetry")
+    (d,) = sup.children
+    assert d.name == "decode" and kv_config_of(d.cmd)["kv_role"] == "kv_consumer"
+    assert d.cmd[d.cmd.index("--host") + 1] == "0.0.0.0"  # --host names the engine with --role
+    assert d.env[E.ENV_SIDE_CHANNEL_HOST] == "10.0.0.6"
+    assert d.env[settings.ENV_SIDE_CHANNEL_PORT] == str(settings.PORT_DECODE_SIDE_CHANNEL)
+    assert d.health_url == "http://127.0.0.1:8201/health"  # checked locally
+    text = describe_engine(cfg, d, "decode")
+    assert "decode engine serving on http://10.0.0.6:8201/v1" in text
+    assert "NIXL side channel 10.0.0.6:5700" in text and "hybrid-pd proxy --decode http://10.0.0.6:8201" in text
+    assert "loopback" not in text
+
+
+def test_serve_role_refuses_a_side_channel_nobody_can_connect_to(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(E.ENV_SIDE_CHANNEL_HOST, raising=False)
+    with pytest.raises(SystemExit, match="--side-channel-host"):
+        role_supervisor(tmp_path, "--role", "prefill", "--engine-host", "0.0.0.0", "--no-telemetry")
+    with pytest.raises(SystemExit, match="give one"):
+        role_supervisor(tmp_path, "--role", "prefill", "--host", "10.0.0.5", "--engine-host",
+                        "10.0.0.6", "--no-telemetry")
+
+
+def test_serve_role_defaults_to_all_and_loopback(tmp_path: Path):
+    from hybrid_pd.serve.cli import describe_engine
+
+    args, _, sup = role_supervisor(tmp_path, "--no-telemetry")
+    assert args.role == "all" and [c.name for c in sup.children] == ["prefill", "decode", "proxy"]
+    _, cfg, sup = role_supervisor(tmp_path, "--role", "decode", "--no-telemetry")
+    (d,) = sup.children
+    assert d.env[E.ENV_SIDE_CHANNEL_HOST] == os.environ.get(E.ENV_SIDE_CHANNEL_HOST, "127.0.0.1")
+    assert "loopback: reachable from this host only" in describe_engine(cfg, d, "decode")
+
+
+def proxy_config(*argv: str):
+    from hybrid_pd.serve.proxy_cli import config_from_args
+
+    return config_from_args(cli.build_parser("proxy").parse_args(["proxy", *argv]))
+
+
+def test_proxy_cli_takes_pools_and_keeps_the_one_url_flags():
+    cfg = proxy_config("--prefill", "http://a:1", "http://b:1/", "--decode", "http://c:1",
+                       "--policy", "round-robin", "--kv-aware", "--health-interval", "2")
+    assert cfg.urls("prefill") == ("http://a:1", "http://b:1") and cfg.urls("decode") == ("http://c:1",)
+    assert (cfg.policy, cfg.kv_aware, cfg.health_interval_s) == ("round-robin", True, 2.0)
+    old = proxy_config("--prefill-url", "http://a:1", "--decode-url", "http://c:1")
+    assert (old.urls("prefill"), old.urls("decode")) == (("http://a:1",), ("http://c:1",))
+    assert (old.policy, old.kv_aware) == ("least-outstanding", False)
+    mixed = proxy_config("--prefill-url", "http://a:1", "--prefill", "http://b:1", "--decode", "http://c:1")
+    assert mixed.urls("prefill") == ("http://a:1", "http://b:1")
+    # what the all-in-one serve starts its proxy with still parses to one P and one D
+    cmd = proxy_command(LaunchConfig(model="m"), Ports(), 7.0, python="py")
+    one = proxy_config(*cmd[4:])
+    assert one.urls("prefill") == (f"http://127.0.0.1:{settings.PORT_PREFILL}",)
+    assert one.urls("decode") == (f"http://127.0.0.1:{settings.PORT_DECODE}",) and one.timeout_s == 7.0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--decode", "http://c:1"), "at least one --prefill"),
+    (("--prefill", "http://a:1"), "at least one --decode"),
+    (("--prefill", "a:1", "--decode", "http://c:1"), "not an http"),
+    (("--prefill", "http://a:1", "http://a:1/", "--decode", "http://c:1"), "twice"),
+    (("--prefill", "http://a:1", "--decode", "http://a:1"), "one KV role"),
+    (("--prefill", "http://a:1", "--decode", "http://c:1", "--health-interval", "0"), "> 0"),
+])
+def test_proxy_cli_refuses_bad_pools(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        proxy_config(*argv)

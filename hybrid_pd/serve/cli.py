@@ -1,5 +1,7 @@
 """``hybrid-pd serve``: start P, D and the proxy; stop them all on Ctrl-C/SIGTERM or when
-one dies.  The launch arguments here are shared with ``hybrid-pd demo``."""
+one dies.  With ``--role prefill`` or ``--role decode`` only that engine is started, for a
+cluster spread over hosts behind a ``hybrid-pd proxy`` that runs elsewhere.  The launch
+arguments here are shared with ``hybrid-pd demo``."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from hybrid_pd.serve.engines import (
     CONNECTORS,
@@ -18,10 +22,14 @@ from hybrid_pd.serve.engines import (
     DEFAULT_HOST,
     ENV_CPU_KVCACHE_SPACE,
     ENV_CPU_THREADS_BIND,
+    ENV_SIDE_CHANNEL_HOST,
     LaunchConfig,
     connect_host,
+    is_any_address,
 )
 from hybrid_pd.serve.supervisor import (
+    ROLES,
+    Child,
     LaunchError,
     Ports,
     Supervisor,
@@ -133,9 +141,21 @@ def api_key_from_args(args: argparse.Namespace) -> str | None:
     return key
 
 
+def engine_host_from_args(args: argparse.Namespace) -> str:
+    """The engines' bind address.  With ``--role prefill|decode`` the engine is what this
+    command serves, so ``--host`` names it too (give one of the two, or the same)."""
+    if getattr(args, "role", "all") == "all" or args.host == DEFAULT_HOST:
+        return args.engine_host
+    if args.engine_host not in (DEFAULT_HOST, args.host):
+        raise SystemExit(f"--role {args.role}: --host {args.host} and --engine-host "
+                         f"{args.engine_host} both name the engine's address; give one")
+    return args.host
+
+
 def launch_config_from_args(args: argparse.Namespace, run_dir: Path) -> LaunchConfig:
     return LaunchConfig(
-        model=args.model, host=args.host, engine_host=args.engine_host, connector=args.connector,
+        model=args.model, host=args.host, engine_host=engine_host_from_args(args),
+        side_channel_host=getattr(args, "side_channel_host", None), connector=args.connector,
         kv_cache_gib=args.kv_cache_gib, enforce_eager=args.enforce_eager,
         cpu_bind=args.cpu_bind, engine_args=engine_args_for(args.model, tuple(args.extra)),
         telemetry_db=telemetry_db_from_args(args, run_dir), kv_extra=kv_extra_from_args(args),
@@ -152,6 +172,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model id or path (hybrid-pd make-model builds tiny ones)")
     add_common_launch_args(p)
+    p.add_argument("--role", choices=ROLES, default="all",
+                   help="all: P, D and the proxy here (default); prefill or decode: only that "
+                   "engine, bound to --engine-host (or --host), for a `hybrid-pd proxy "
+                   "--prefill URL... --decode URL...` running elsewhere")
+    p.add_argument("--side-channel-host", default=None, metavar="ADDRESS",
+                   help=f"NIXL side channel address ({ENV_SIDE_CHANNEL_HOST}; default: the "
+                   "engine host): D connects to P there, so with engines on several hosts it "
+                   "must be an address of this host that the other hosts reach")
     p.add_argument("--restart", choices=("never", "on-failure"), default="never",
                    help="when P, D or the proxy dies: stop everything (never, the default) "
                    "or start that child again and re-run the P/D warm-up")
@@ -160,18 +188,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
+def supervisor_from_args(args: argparse.Namespace, cfg: LaunchConfig, run_dir: Path) -> Supervisor:
+    """What ``serve`` starts: P, D and the proxy, or with ``--role`` one engine (whose
+    side channel must then be an address another host can connect to)."""
+    sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp,
+                           role=args.role)
+    if args.role != "all":
+        (engine,) = sup.children
+        if is_any_address(engine.env[ENV_SIDE_CHANNEL_HOST]):
+            raise SystemExit(
+                f"--role {args.role}: the NIXL side channel would be "
+                f"{engine.env[ENV_SIDE_CHANNEL_HOST]!r}, which D cannot connect to; give this "
+                "host's address on the network D reaches with --side-channel-host")
+    return sup
+
+
+def describe_engine(cfg: LaunchConfig, child: Child, role: str) -> str:
+    """What a ``--role`` engine serves, and how a proxy elsewhere routes to it."""
+    side_host = child.env[ENV_SIDE_CHANNEL_HOST]
+    # bound to every interface: the side channel's address is the one others reach
+    host = side_host if is_any_address(cfg.engine_host) else cfg.engine_host
+    url = f"http://{host}:{urlsplit(child.health_url).port}"
+    lines = [f"[hybrid-pd] {role} engine serving on {url}/v1 (bound to {cfg.engine_host}); "
+             f"NIXL side channel {side_host}:{child.env.get(ENV_SIDE_CHANNEL_PORT, '?')}",
+             f"[hybrid-pd] route to it: hybrid-pd proxy --{role} {url} ... (and the other "
+             "role's engines)" + ("; the proxy needs the same VLLM_API_KEY" if cfg.api_key else "")]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        lines.append("[hybrid-pd] loopback: reachable from this host only (--engine-host and "
+                     "--side-channel-host give other hosts an address)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or default_run_dir("serve")
     cfg = launch_config_from_args(args, run_dir)
-    sup = build_supervisor(cfg, run_dir, ports_from_args(args), args.prefill_tp, args.decode_tp)
+    sup = supervisor_from_args(args, cfg, run_dir)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    print(f"[hybrid-pd] logs in {run_dir}/ (prefill.log, decode.log, proxy.log)", file=sys.stderr)
+    logs = ", ".join(f"{c.name}.log" for c in sup.children)
+    print(f"[hybrid-pd] logs in {run_dir}/ ({logs})", file=sys.stderr)
     if cfg.telemetry_db is not None:
         print(f"[hybrid-pd] spans -> {cfg.telemetry_db}; view them with: hybrid-pd dashboard "
               f"--db {cfg.telemetry_db}", file=sys.stderr)
     try:
         with sup:
-            _serve_until_a_child_dies(sup, args, cfg.api_key)
+            if args.role == "all":
+                _serve_all(sup, args, cfg.api_key)
+            else:
+                _serve_until_a_child_dies(sup, args, None,
+                                          describe_engine(cfg, sup.children[0], args.role))
     except KeyboardInterrupt:
         print("\n[hybrid-pd] stopping...", file=sys.stderr)
         return 0
@@ -185,18 +249,31 @@ def _stop_on_sigterm(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _serve_all(sup: Supervisor, args: argparse.Namespace, key: str | None) -> NoReturn:
+    proxy = f"http://{connect_host(args.host)}:{args.port}"
+    decode_log = sup.run_dir / "decode.log"
+
+    def warm_up() -> int:
+        # a new engine has a new engine id: D handshakes with it again (or with P anew)
+        return warm_up_pair(proxy, args.model, decode_log, api_key=key)
+
+    _serve_until_a_child_dies(sup, args, warm_up,
+                              f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 "
+                              "(Ctrl-C stops everything)")
+
+
 def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace,
-                              key: str | None) -> NoReturn:
+                              warm_up: Callable[[], int] | None, serving: str) -> NoReturn:
+    """Start, wait for health, warm up (all-in-one: the P/D pair's handshake), say
+    ``serving``, then watch: a dead child stops all, or is restarted (--restart)."""
     sup.start()
     sup.wait_healthy(args.health_timeout)
     for c in sup.children:
         print(f"[hybrid-pd] {c.name} ready after {c.ready_after_s:.0f} s", file=sys.stderr)
-    proxy = f"http://{connect_host(args.host)}:{args.port}"
-    decode_log = sup.run_dir / "decode.log"
-    tries = warm_up_pair(proxy, args.model, decode_log, api_key=key)
-    print(f"[hybrid-pd] P/D handshake done (warm-up request, attempt {tries})", file=sys.stderr)
-    print(f"[hybrid-pd] serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops everything)",
-          file=sys.stderr)
+    if warm_up is not None:
+        tries = warm_up()
+        print(f"[hybrid-pd] P/D handshake done (warm-up request, attempt {tries})", file=sys.stderr)
+    print(serving, file=sys.stderr)
     while True:
         while not (dead := sup.dead()):
             time.sleep(1.0)
@@ -210,7 +287,6 @@ def _serve_until_a_child_dies(sup: Supervisor, args: argparse.Namespace,
         print(f"[hybrid-pd] {what}\n[hybrid-pd] restarting {child.name} "
               f"({child.restarts + 1} of at most {args.max_restarts})", file=sys.stderr)
         took = sup.restart(child, args.health_timeout)
-        # a new engine has a new engine id: D handshakes with it again (or with P anew)
-        tries = warm_up_pair(proxy, args.model, decode_log, api_key=key)
-        print(f"[hybrid-pd] {child.name} back after {took:.0f} s; P/D handshake done "
-              f"(attempt {tries}); serving again", file=sys.stderr)
+        done = "" if warm_up is None else f"; P/D handshake done (attempt {warm_up()})"
+        print(f"[hybrid-pd] {child.name} back after {took:.0f} s{done}; serving again",
+              file=sys.stderr)

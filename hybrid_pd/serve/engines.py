@@ -45,9 +45,14 @@ DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: the servers are unauthentic
 _ANY = ("0.0.0.0", "::", "")
 
 
+def is_any_address(bind: str) -> bool:
+    """True for a bind address meaning every interface (no one address to connect to)."""
+    return bind in _ANY
+
+
 def connect_host(bind: str) -> str:
     """Where a local client reaches a server bound to ``bind``."""
-    return "127.0.0.1" if bind in _ANY else bind
+    return "127.0.0.1" if is_any_address(bind) else bind
 PORT_REFERENCE = 8300  # the plain engine of demo and the end-to-end output checks
 DEFAULT_PROXY_TIMEOUT_S = 300.0  # the proxy's limit per engine call
 
@@ -81,6 +86,10 @@ class LaunchConfig:
     # Both engines and their NIXL side channels: anyone who reaches them can post
     # kv_transfer_params straight to D or read P's memory, so loopback unless asked.
     engine_host: str = DEFAULT_HOST
+    # The NIXL side channel's address when it differs from engine_host: D is told to
+    # connect there, so it must be one address of P's host that D's host reaches (an
+    # engine on another host bound to 0.0.0.0 needs it). None: engine_host.
+    side_channel_host: str | None = None
     connector: str = DEFAULT_CONNECTOR
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
@@ -186,6 +195,8 @@ def engine_env(
 ) -> dict[str, str]:
     env = dict(base)
     env.setdefault(ENV_CPU_KVCACHE_SPACE, f"{cfg.kv_cache_gib:g}")
+    if cfg.side_channel_host:  # asked for on the command line: wins over the environment
+        env[ENV_SIDE_CHANNEL_HOST] = cfg.side_channel_host
     env.setdefault(ENV_SIDE_CHANNEL_HOST, cfg.engine_host)
     if spec.side_channel_port is not None:
         env[ENV_SIDE_CHANNEL_PORT] = str(spec.side_channel_port)

@@ -12,28 +12,34 @@ Flow of one request (``/v1/completions`` or ``/v1/chat/completions``, :meth:`PDP
    A client's own ``kv_transfer_params`` reach neither engine.
 
 Errors from either engine come back as HTTP errors that name the engine and the cause
-(:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.  P and D
-each have their own connection pool; a full one answers 503 with ``Retry-After``.
+(:mod:`.proxy_calls`); every upstream call has a timeout, so nothing hangs.  Each engine
+has its own connection pool; a full one answers 503 with ``Retry-After``.
 ``/metrics`` serves prometheus_client's default registry.  With an API key
 (``VLLM_API_KEY`` in the environment, never a flag) every ``/v1/*`` call needs
 ``Authorization: Bearer <key>``, which goes on to P and D (they enforce the same key).
 
+P and D may each be a pool of several engines (:mod:`.router` chooses, :mod:`.proxy_pool`
+checks their health and counts per backend).  D is chosen first (its slot is taken
+before P prefills, and its ``max_model_len`` is checked); a P that fails before
+answering (unreachable, timeout, 5xx) is taken out and the prefill runs once more on
+another healthy P.  D is never retried: once it has the request it may be reading P's
+blocks or streaming.
+
 Tracing: each request is a ``hybrid_pd.proxy.request`` span (continuing the caller's W3C
 ``traceparent`` when there is one) with a ``hybrid_pd.proxy.prefill`` and a
-``hybrid_pd.proxy.decode`` child; each engine call carries the child's ``traceparent``
-(OpenTelemetry ``propagate.inject``), so P's and D's spans join the same trace.  The
-tracer is OpenTelemetry's global one unless ``create_app(tracer=...)`` gives one;
-``hybrid-pd proxy --telemetry-db PATH`` configures it (off without the flag).
+``hybrid_pd.proxy.decode`` child (a retried prefill: one child per P tried), each naming
+the engine it ran on (``hybrid_pd.backend.*``); each engine call carries the child's
+``traceparent`` (OpenTelemetry ``propagate.inject``), so P's and D's spans join the same
+trace.  The tracer is OpenTelemetry's global one unless ``create_app(tracer=...)`` gives
+one; ``hybrid-pd proxy --telemetry-db PATH`` configures it (off without the flag).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -47,14 +53,9 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hybrid_pd.serve.engines import DEFAULT_HOST, DEFAULT_PROXY_TIMEOUT_S
-from hybrid_pd.serve.proxy_calls import (
-    POOL_MAX_CONNECTIONS,
-    EngineClient,
-    EngineError,
-    Relayed,
-    Slot,
-)
+from hybrid_pd.serve.engines import DEFAULT_PROXY_TIMEOUT_S
+from hybrid_pd.serve.proxy_calls import POOL_MAX_CONNECTIONS, EngineError, Relayed, Slot
+from hybrid_pd.serve.proxy_pool import Engines, health_answer
 from hybrid_pd.serve.proxy_requests import (
     check_length,
     check_request,
@@ -62,9 +63,10 @@ from hybrid_pd.serve.proxy_requests import (
     normalize_request,
     parse_body,
     prefill_request,
+    remote_engine_id,
     with_trace,
 )
-from hybrid_pd.settings import ENV_API_KEY, PORT_PROXY
+from hybrid_pd.serve.router import DEFAULT_POLICY, HEALTH_INTERVAL_S, KV_REFRESH_S, Backend
 from hybrid_pd.telemetry import attributes as A
 
 # Tracer and logger name, independent of where this module lives: stored spans and log
@@ -176,8 +178,9 @@ def mark_engine_error(span: Span, exc: EngineError) -> None:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    prefill_url: str
-    decode_url: str
+    # one engine's base URL, or several: a pool the router chooses from (router.py)
+    prefill_url: str | tuple[str, ...]
+    decode_url: str | tuple[str, ...]
     timeout_s: float = DEFAULT_PROXY_TIMEOUT_S
     connect_timeout_s: float = 10.0
     # calls in flight per engine (P and D each); more get 503 + Retry-After
@@ -185,19 +188,26 @@ class ProxyConfig:
     # required on /v1/* as "Authorization: Bearer <key>" (and forwarded to P and D, which
     # enforce the same key); None: open. Never printed.
     api_key: str | None = field(default=None, repr=False)
+    policy: str = DEFAULT_POLICY  # router.POLICIES
+    kv_aware: bool = False  # D: prefer lower KV cache usage (scraped from its /metrics)
+    health_interval_s: float = HEALTH_INTERVAL_S
+    kv_refresh_s: float = KV_REFRESH_S
+
+    def urls(self, role: str) -> tuple[str, ...]:
+        """The base URLs of ``role``'s engines ("prefill" or "decode")."""
+        value = self.prefill_url if role == "prefill" else self.decode_url
+        return (value,) if isinstance(value, str) else tuple(value)
 
 
 class PDProxy:
     """One request: P (prefill, one token) then D (the user's answer), each in a span."""
 
-    def __init__(self, config: ProxyConfig, prefill: EngineClient, decode: EngineClient,
-                 tracer: Tracer) -> None:
+    def __init__(self, config: ProxyConfig, engines: Engines, tracer: Tracer) -> None:
         self.config = config
-        self.prefill = prefill
-        self.decode = decode
+        self.engines = engines
         self.tracer = tracer
-        # D's max_model_len per served model, and when to ask again if unknown
-        self._max_lens: dict[str, tuple[int | None, float]] = {}
+        # max_model_len per (D backend, served model), and when to ask again if unknown
+        self._max_lens: dict[tuple[str, str], tuple[int | None, float]] = {}
 
     async def handle(self, request: Request, path: str) -> Response:
         body, error = parse_body(await request.body())
@@ -209,7 +219,8 @@ class PDProxy:
         body = normalize_request(body)
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         headers = forward_headers(request, request_id)
-        problem = check_length(body, await self._max_model_len(body.get("model"), headers))
+        d = self.engines.choose("decode")  # first: its max_model_len, and its slot before P
+        problem = check_length(body, await self._max_model_len(body.get("model"), headers, d))
         if problem is not None:
             return invalid_request(problem[1], param=problem[0])
         root = self._request_span(request)
@@ -217,7 +228,7 @@ class PDProxy:
             with trace.use_span(root, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):
                 describe_request(root, body, path, request_id)
-                answer = await self._answer(request, path, body, request_id, headers, root)
+                answer = await self._answer(request, path, body, request_id, headers, root, d)
         except BaseException:
             root.end()
             raise
@@ -227,32 +238,32 @@ class PDProxy:
             root.end()
         return answer
 
-    async def _max_model_len(self, model: object, headers: dict) -> int | None:
+    async def _max_model_len(self, model: object, headers: dict, d: Backend) -> int | None:
         """D's ``max_model_len`` for ``model`` from its ``/v1/models`` (asked once per
-        model, with the caller's credentials; a failed ask is retried after
+        model and D, with the caller's credentials; a failed ask is retried after
         MODELS_RETRY_S); None when D does not say."""
         if not isinstance(model, str):
             return None
-        known = self._max_lens.get(model)
+        known = self._max_lens.get((d.url, model))
         if known is not None and (known[0] is not None or time.monotonic() < known[1]):
             return known[0]
         try:
-            resp = await self.decode.get(self.config.decode_url + "/v1/models", headers)
+            resp = await self.engines.client(d).get(d.url + "/v1/models", headers)
             listed = {m.get("id"): m.get("max_model_len") for m in resp.json()["data"]}
         except (EngineError, ValueError, KeyError, TypeError, AttributeError):
             listed = {}  # D may be starting, or not say: D itself still checks
         retry_at = time.monotonic() + MODELS_RETRY_S
         for name, limit in listed.items():
             if isinstance(name, str) and isinstance(limit, int):
-                self._max_lens[name] = (limit, retry_at)
-        self._max_lens.setdefault(model, (None, retry_at))
-        return self._max_lens[model][0]
+                self._max_lens[(d.url, name)] = (limit, retry_at)
+        self._max_lens.setdefault((d.url, model), (None, retry_at))
+        return self._max_lens[(d.url, model)][0]
 
     async def _answer(self, request: Request, path: str, body: dict, request_id: str,
-                      headers: dict, root: Span) -> Response:
+                      headers: dict, root: Span, d: Backend) -> Response:
         try:
             answer = await until_disconnected(
-                request, self._prefill_then_decode(path, body, request_id, headers))
+                request, self._prefill_then_decode(path, body, request_id, headers, d))
         except EngineError as exc:
             mark_engine_error(root, exc)
             logger.warning("request %s failed: %s", request_id, exc)
@@ -264,36 +275,60 @@ class PDProxy:
         return answer
 
     async def _prefill_then_decode(self, path: str, body: dict, request_id: str,
-                                   headers: dict) -> Response:
+                                   headers: dict, d: Backend) -> Response:
         # D's slot first: when D is saturated the answer is 503 before P prefills anything
         # (P would otherwise hold the blocks for a D call that never comes).
-        slot = self.decode.reserve()
+        slot = self.engines.reserve(d)
         try:
             p_answer = await self._prefill(path, body, request_id, headers)
-            return await self._decode(path, body, p_answer, request_id, headers, slot)
+            return await self._decode(path, body, p_answer, request_id, headers, d, slot)
         finally:
             slot.give_back()  # no-op once the D call took it over
 
     async def _prefill(self, path: str, body: dict, request_id: str, headers: dict) -> dict:
-        """P's answer, which carries the kv_transfer_params D needs."""
-        with self._engine_span("prefill", request_id):
+        """P's answer, which carries the kv_transfer_params D needs.  A P that fails
+        before answering is taken out, and the call runs once more on another healthy P
+        (P has no state of the request yet: a new prefill is the whole retry)."""
+        p = self.engines.choose("prefill")
+        try:
+            return await self._prefill_on(p, path, body, request_id, headers)
+        except EngineError as exc:
+            other = self.engines.retry_target(p, exc)
+            if other is None:
+                raise
+            logger.warning("request %s: %s; prefill again on %s", request_id, exc, other.url)
+        return await self._prefill_on(other, path, body, request_id, headers)
+
+    async def _prefill_on(self, p: Backend, path: str, body: dict, request_id: str,
+                          headers: dict) -> dict:
+        with self._engine_span("prefill", request_id, p) as span:
+            slot = self.engines.reserve(p)
             p_headers = traced_headers(headers)
             p_body = with_trace(prefill_request(body), request_id, p_headers)
-            return await self.prefill.post_json(self.config.prefill_url + path, p_body, p_headers)
+            answer = await self.engines.calling(p).post_json(p.url + path, p_body, p_headers, slot)
+            self.engines.succeeded(p)
+            A.set_attrs(span, {A.BACKEND_ENGINE_ID: remote_engine_id(answer)})
+            return answer
 
     async def _decode(self, path: str, body: dict, p_answer: dict, request_id: str,
-                      headers: dict, slot: Slot) -> Response:
+                      headers: dict, d: Backend, slot: Slot) -> Response:
         # Outside D's span: an answer without kv_transfer_params is P's failure.
         d_body = decode_request(body, p_answer)
-        url = self.config.decode_url + path
-        with self._engine_span("decode", request_id):
+        url = d.url + path
+        with self._engine_span("decode", request_id, d) as span:
+            A.set_attrs(span, {A.KV_PEER_ENGINE_ID: remote_engine_id(p_answer)})
             d_headers = traced_headers(headers)
             d_body = with_trace(d_body, request_id, d_headers)
+            client = self.engines.calling(d)
             if body.get("stream"):
                 # D's span covers the call up to the response headers; the request's span
                 # goes on to the end of the stream (handle).
-                return await self.decode.post_stream(url, d_body, d_headers, slot)
-            d_answer = await self.decode.post_json(url, d_body, d_headers, slot)
+                relay = await client.post_stream(url, d_body, d_headers, slot)
+                self.engines.succeeded(d)
+                relay.when_ended(lambda outcome: self.engines.stream_ended(d, outcome))
+                return relay
+            d_answer = await client.post_json(url, d_body, d_headers, slot)
+        self.engines.succeeded(d)
         return JSONResponse(content=d_answer, headers={"X-Request-Id": request_id})
 
     def _request_span(self, request: Request) -> Span:
@@ -305,17 +340,20 @@ class PDProxy:
         )
 
     @contextlib.contextmanager
-    def _engine_span(self, engine: str, request_id: str) -> Iterator[Span]:
-        """The span of one engine call; an EngineError inside marks it failed."""
+    def _engine_span(self, engine: str, request_id: str, backend: Backend) -> Iterator[Span]:
+        """The span of one engine call on ``backend``; an EngineError inside marks the
+        span failed (and the backend out when the engine failed)."""
         name = A.SPAN_PROXY_PREFILL if engine == "prefill" else A.SPAN_PROXY_DECODE
         with self.tracer.start_as_current_span(
             name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
-            attributes={A.REQUEST_ID: request_id},
+            attributes={A.REQUEST_ID: request_id, A.BACKEND_URL: backend.url,
+                        A.BACKEND_HOST: backend.host},
         ) as span:
             try:
                 yield span
             except EngineError as exc:
                 mark_engine_error(span, exc)
+                self.engines.failed(backend, exc)
                 raise
             except asyncio.CancelledError:
                 mark_cancelled(span)
@@ -325,17 +363,15 @@ class PDProxy:
         """D's model list (P serves the same model), asked with the caller's credentials."""
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         try:
-            resp = await self.decode.get(self.config.decode_url + "/v1/models",
-                                         forward_headers(request, request_id))
+            resp = await self.engines.models(forward_headers(request, request_id))
         except EngineError as exc:
             return exc.to_response()
         return Response(content=resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self) -> Response:
-        status = {"prefill": await self.prefill.probe(self.config.prefill_url),
-                  "decode": await self.decode.probe(self.config.decode_url)}
-        ok = all(v == "ok" for v in status.values())
-        return JSONResponse(status_code=200 if ok else 503, content=status)
+        """Every backend probed now (which also takes it out or brings it back)."""
+        status, content = health_answer(await self.engines.probe_all())
+        return JSONResponse(status_code=status, content=content)
 
 
 # -- the app ---------------------------------------------------------------------------
@@ -386,55 +422,16 @@ def create_app(
 ) -> FastAPI:
     """The proxy app; ``transport`` replaces the network (unit tests use fake engines),
     ``tracer`` replaces OpenTelemetry's global tracer (unit tests use an in-memory one)."""
-    # One client (and pool) per engine, so a saturated P cannot take D's connections.
-    prefill, decode = (EngineClient(engine, config.timeout_s, config.connect_timeout_s, transport,
-                                    config.max_connections) for engine in ("prefill", "decode"))
+    engines = Engines(config, transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engines.start()  # the periodic health checks (and KV usage scrapes)
         yield
-        await prefill.aclose()
-        await decode.aclose()
+        await engines.aclose()
 
     app = FastAPI(title="hybrid-pd proxy", lifespan=lifespan)
     app.state.config = config
-    app.state.proxy = PDProxy(config, prefill, decode, tracer or trace.get_tracer(INSTRUMENTATION_NAME))
+    app.state.proxy = PDProxy(config, engines, tracer or trace.get_tracer(INSTRUMENTATION_NAME))
     app.include_router(routes)
     return app
-
-
-# -- CLI -------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("proxy", help="run only the P/D proxy in front of running engines")
-    p.add_argument("--prefill-url", required=True, help="e.g. http://127.0.0.1:8100")
-    p.add_argument("--decode-url", required=True, help="e.g. http://127.0.0.1:8200")
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=PORT_PROXY)
-    p.add_argument("--timeout", type=float, default=DEFAULT_PROXY_TIMEOUT_S, help="seconds per engine call")
-    p.add_argument("--telemetry-db", default=None,
-                   help="write proxy spans to this SQLite file (plus OTLP from OTEL_* "
-                   "variables); off when not given")
-    p.set_defaults(func=run)
-    # the API key comes from the environment only (ENV_API_KEY): a flag would show in ps
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    tel = None
-    if args.telemetry_db:
-        from hybrid_pd.telemetry import setup
-
-        tel = setup.configure_tracing("hybrid-pd-proxy", "proxy", db_url=args.telemetry_db)
-        print(f"[hybrid-pd proxy] spans -> {args.telemetry_db}", flush=True)
-    app = create_app(ProxyConfig(args.prefill_url.rstrip("/"), args.decode_url.rstrip("/"),
-                                 args.timeout, api_key=os.environ.get(ENV_API_KEY) or None))
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        if tel is not None:
-            tel.shutdown()  # flush what is queued
-    return 0

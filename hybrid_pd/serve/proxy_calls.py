@@ -16,6 +16,14 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hybrid_pd.serve.router import (
+    CAUSE_ANSWER,
+    CAUSE_BUSY,
+    CAUSE_PROXY,
+    CAUSE_TIMEOUT,
+    CAUSE_UNREACHABLE,
+)
+
 HEALTH_TIMEOUT_S = 5.0
 # Connections (= calls in flight) per engine.  A vLLM server handles far fewer requests
 # at once than this on CPU, so the limit only bounds sockets and memory under overload.
@@ -31,12 +39,14 @@ class EngineError(Exception):
     """An engine answered with an error or could not be reached."""
 
     def __init__(self, engine: str, status: int, message: str,
-                 retry_after_s: int | None = None) -> None:
+                 retry_after_s: int | None = None, cause: str = CAUSE_PROXY) -> None:
         super().__init__(f"{engine} engine: {message}")
         self.engine = engine
         self.status = status
         self.message = message
         self.retry_after_s = retry_after_s
+        # who failed (router.CAUSE_*): the router takes an engine out only for its own failures
+        self.cause = cause
 
     def to_response(self) -> JSONResponse:
         headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
@@ -69,7 +79,7 @@ def error_text(response: httpx.Response) -> str:
 
 def busy(engine: str, limit: int) -> EngineError:
     return EngineError(engine, 503, f"busy: all {limit} connections in use, retry later",
-                       retry_after_s=RETRY_AFTER_S)
+                       retry_after_s=RETRY_AFTER_S, cause=CAUSE_BUSY)
 
 
 class EngineClient:
@@ -115,8 +125,9 @@ class EngineClient:
         if isinstance(exc, httpx.PoolTimeout):  # before TimeoutException, its base class
             return busy(self.engine, self.max_connections)
         if isinstance(exc, httpx.TimeoutException):
-            return EngineError(self.engine, 504, f"no answer within {self.timeout_s:.0f} s ({exc!r})")
-        return EngineError(self.engine, 502, f"unreachable at {url}: {exc!r}")
+            return EngineError(self.engine, 504, f"no answer within {self.timeout_s:.0f} s ({exc!r})",
+                               cause=CAUSE_TIMEOUT)
+        return EngineError(self.engine, 502, f"unreachable at {url}: {exc!r}", cause=CAUSE_UNREACHABLE)
 
     async def post_json(self, url: str, body: dict, headers: dict,
                         slot: Slot | None = None) -> dict[str, Any]:
@@ -128,7 +139,7 @@ class EngineClient:
         finally:
             slot.give_back()
         if resp.status_code >= 400:
-            raise EngineError(self.engine, resp.status_code, error_text(resp))
+            raise EngineError(self.engine, resp.status_code, error_text(resp), cause=CAUSE_ANSWER)
         try:
             return resp.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -149,7 +160,7 @@ class EngineClient:
             if resp.status_code >= 400:
                 await resp.aread()
                 await resp.aclose()
-                raise EngineError(self.engine, resp.status_code, error_text(resp))
+                raise EngineError(self.engine, resp.status_code, error_text(resp), cause=CAUSE_ANSWER)
             relaying = True
             close = _Closer(resp, slot.give_back)
             return Relayed(self._relay(resp, close), close,
@@ -164,7 +175,7 @@ class EngineClient:
         try:
             return await self.http.get(url, headers=headers)
         except httpx.HTTPError as exc:
-            raise EngineError(self.engine, 502, f"unreachable: {exc!r}") from exc
+            raise EngineError(self.engine, 502, f"unreachable: {exc!r}", cause=CAUSE_UNREACHABLE) from exc
 
     async def probe(self, url: str) -> str:
         """The engine's health: "ok", "HTTP <status>" or "unreachable: <error class>"."""
@@ -194,11 +205,18 @@ class Slot:
 
     def __init__(self, client: EngineClient) -> None:
         self._client: EngineClient | None = client
+        self._on_release: list[Callable[[], None]] = []
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """``callback()`` when the slot is given back (the router's in-flight count)."""
+        self._on_release.append(callback)
 
     def give_back(self) -> None:
         if self._client is not None:
             self._client._in_flight -= 1
             self._client = None
+            for callback in self._on_release:
+                callback()
 
 
 class _Closer:

@@ -135,3 +135,10 @@ def decode_request(body: dict[str, Any], prefill_response: dict[str, Any]) -> di
     out = copy.deepcopy(body)
     out["kv_transfer_params"] = params
     return out
+
+
+def remote_engine_id(prefill_response: dict[str, Any]) -> str | None:
+    """The engine id P put in its answer's kv_transfer_params (None when it did not)."""
+    params = prefill_response.get("kv_transfer_params")
+    value = params.get("remote_engine_id") if isinstance(params, dict) else None
+    return value if isinstance(value, str) else None

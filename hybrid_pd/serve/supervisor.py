@@ -5,7 +5,8 @@ and workers), streams each child's output to ``RUN_DIR/<name>.log``, waits for h
 with a progress line, and on Ctrl-C/SIGTERM (or when any child dies) stops every group:
 SIGTERM, a grace period, then SIGKILL. Nothing is left running.
 
-:func:`build_supervisor` puts the P/D cluster (P, D and the proxy) on it.
+:func:`build_supervisor` puts the P/D cluster (P, D and the proxy) on it, or, for a
+cluster spread over several hosts, only this host's P or D (``role``).
 """
 
 from __future__ import annotations
@@ -251,6 +252,10 @@ def _engine_child(cfg: LaunchConfig, spec: EngineSpec, run_dir: Path, bind: str 
     )
 
 
+# What `hybrid-pd serve --role` starts: everything, or this host's one engine.
+ROLES = ("all", "prefill", "decode")
+
+
 def build_supervisor(
     cfg: LaunchConfig,
     run_dir: Path,
@@ -258,16 +263,23 @@ def build_supervisor(
     prefill_tp: int = 1,
     decode_tp: int = 1,
     proxy_timeout_s: float = DEFAULT_PROXY_TIMEOUT_S,
+    role: str = "all",
 ) -> Supervisor:
-    """Children for P, D and the proxy."""
+    """Children for P, D and the proxy (``role="all"``), or only P or only D: one
+    engine of a cluster spread over hosts, for a ``hybrid-pd proxy`` running elsewhere."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     sup = Supervisor(run_dir)
     engines = [
         EngineSpec("prefill", "prefill", ports.prefill, prefill_tp, ports.prefill_side_channel),
         EngineSpec("decode", "decode", ports.decode, decode_tp, ports.decode_side_channel),
     ]
+    engines = [e for e in engines if role in ("all", e.role)]
     binding = plan_cpu_binding([(e.name, e.tp) for e in engines], sorted(os.sched_getaffinity(0)), cfg.cpu_bind)
     for spec in engines:
         sup.add(_engine_child(cfg, spec, run_dir, binding[spec.name]))
+    if role != "all":
+        return sup
     proxy_env = dict(os.environ)
     if cfg.api_key:
         proxy_env[ENV_API_KEY] = cfg.api_key

@@ -81,6 +81,10 @@ ROLE = "hybrid_pd.role"
 ENGINE_ID = "hybrid_pd.engine_id"
 REQUEST_ID = "hybrid_pd.request_id"
 CONNECTOR = "hybrid_pd.connector"
+# The engine instance a proxy call ran on (the router may choose among several P and D).
+BACKEND_URL = "hybrid_pd.backend.url"
+BACKEND_HOST = "hybrid_pd.backend.host"
+BACKEND_ENGINE_ID = "hybrid_pd.backend.engine_id"
 
 # GenAI semantic conventions (names must match opentelemetry-semantic-conventions).
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
@@ -119,6 +123,12 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(REQUEST_ID, "string", "Request id as the proxy assigned it (shared by P and D)."),
         AttrSpec(CONNECTOR, "string", "Which code moved the KV: `hybrid` (our vLLM connector), "
                  "`upstream` (vLLM's NixlConnector) or `bench` (`hybrid-pd bench`)."),
+        AttrSpec(BACKEND_URL, "string", "Proxy call spans: base URL of the engine the call went to "
+                 "(one of the router's P or D backends)."),
+        AttrSpec(BACKEND_HOST, "string", "Proxy call spans: host part of `hybrid_pd.backend.url`."),
+        AttrSpec(BACKEND_ENGINE_ID, "string", "Proxy prefill span: the engine id P answered with "
+                 "(`remote_engine_id` of its kv_transfer_params); the decode span names it as "
+                 "`kv.peer_engine_id`, the P engine D reads from."),
         AttrSpec(GEN_AI_REQUEST_MODEL, "string", "Model name as requested (GenAI semconv)."),
         AttrSpec(GEN_AI_OPERATION_NAME, "string", "`text_completion` or `chat` (GenAI semconv)."),
         AttrSpec(GEN_AI_REQUEST_MAX_TOKENS, "int", "Requested max output tokens (GenAI semconv)."),
@@ -173,6 +183,7 @@ PROMOTED_COLUMNS: dict[str, str] = {
 RESOURCE_ROLE = ROLE
 RESOURCE_ENGINE_ID = ENGINE_ID
 RESOURCE_PID = "process.pid"
+RESOURCE_HOST_NAME = "host.name"  # OTel semantic conventions: which machine (P and D may differ)
 RESOURCE_SERVICE_NAME = "service.name"
 
 AttrValue = str | bool | int | float

@@ -1,7 +1,7 @@
 """One call per process: ``configure_tracing(service_name, role, db_url=..., otlp=...)``.
 
 Builds a ``TracerProvider`` whose resource says who is speaking (``service.name``,
-``hybrid_pd.role``, ``hybrid_pd.engine_id``, ``process.pid``) and hangs the sinks on it
+``hybrid_pd.role``, ``hybrid_pd.engine_id``, ``process.pid``, ``host.name``) and hangs the sinks on it
 side by side, each behind its OWN ``BatchSpanProcessor`` so a slow or dead sink (an OTLP
 endpoint that is down, a locked database) never delays the other or a serving thread:
 
@@ -368,6 +368,8 @@ def configure_tracing(
                 A.RESOURCE_PID: os.getpid(),
             }
         )
+        # host.name unless the caller or OTEL_RESOURCE_ATTRIBUTES named it (merge: theirs win)
+        resource = Resource({A.RESOURCE_HOST_NAME: socket.gethostname()}).merge(resource)
         provider = TracerProvider(resource=resource)
         counter = SpanCounter()
         # The counter goes first so that a span counts as created even if a later
