@@ -17,7 +17,8 @@
 #      include psycopg 3, the driver of the PostgreSQL trace store);
 #   6. makes the `vllm` command work (see hybrid_pd/vllm_cli.py for the why);
 #   7. Debian chromium + chromium-driver (as root) for the dashboard's browser test;
-#   8. Debian postgresql (as root): the server the PostgreSQL store's tests start.
+#   8. Debian postgresql and iproute2 (as root): the server the PostgreSQL store's tests
+#      start, and `ip netns` for the multi-host tests.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,19 +89,27 @@ else
   echo "[setup] run as root: apt-get update && apt-get install -y chromium chromium-driver" >&2
 fi
 
-step 8/8 "PostgreSQL server (Debian package) for the central trace store's tests"
+step 8/8 "PostgreSQL server and iproute2 (Debian packages) for the multi-host tests"
 # tests/test_postgres_store.py runs initdb/pg_ctl itself: a throwaway cluster in a
-# temporary directory, stopped at the end (the package's own cluster is not used).  It
-# skips with a message when the server is absent, so a non-root user can still run
+# temporary directory, stopped at the end (the package's own cluster is not used).
+# tests/e2e/test_multihost.py makes hosts as network namespaces with `ip netns`.  Both
+# skip with a message when what they need is absent, so a non-root user can still run
 # everything else.
 pg_bin() { command -v "$1" 2>/dev/null || ls /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | tail -n1; }
+want=()
 if [ -n "$(pg_bin initdb)" ] && [ -n "$(pg_bin pg_ctl)" ]; then
   echo "already installed: $("$(pg_bin initdb)" --version 2>/dev/null | head -n1)"
-elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
 else
-  echo "[setup] skipped: PostgreSQL's initdb/pg_ctl missing and not root (or no apt-get)." >&2
-  echo "[setup] run as root: apt-get update && apt-get install -y postgresql" >&2
+  want+=(postgresql)
+fi
+command -v ip >/dev/null && echo "already installed: $(ip -V)" || want+=(iproute2)
+if [ "${#want[@]}" -eq 0 ]; then
+  :
+elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${want[@]}"
+else
+  echo "[setup] skipped: ${want[*]} missing and not root (or no apt-get)." >&2
+  echo "[setup] run as root: apt-get update && apt-get install -y ${want[*]}" >&2
 fi
 
 "$PY" - <<'PYEOF'
