@@ -63,9 +63,10 @@ def test_overview(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None
     assert m["bytes moved"].endswith("MB") and float(m["GB/s (per transfer)"]) > 0
     assert m["failed / stalled / aborted"] == "0 / 0 / 0"
     specs = charts(at)
-    assert len(specs) == 2
+    assert len(specs) == 3  # latency, bytes on the wire, transfers per P-D pair
     assert specs[0]["layout"]["yaxis"]["title"]["text"] == "transfer latency (ms)"
-    assert len(at.dataframe) == 2  # per engine/rank, reads by kind
+    assert specs[2]["layout"]["yaxis"]["title"]["text"] == figures.PAIR_AXIS_TITLE
+    assert len(at.dataframe) == 3  # per engine/rank, per P-D pair, reads by kind
 
 
 def test_timeline(monkeypatch: pytest.MonkeyPatch, bench_spans_db: Path) -> None:
@@ -250,7 +251,10 @@ def test_overview_by_hand(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     per = at.dataframe[0].value.set_index("engine_id")  # per engine and D rank
     assert per["transfers"].to_dict() == {"decode-h": 3, "decode-u": 2}
     assert per.loc["decode-u", "p99_ms"] == 5 and per.loc["decode-h", "p50_ms"] == 2
-    latency, wire = charts(at)
+    latency, wire, pair = charts(at)
+    # no resource named a role or host: the engines keep their ids, one P ("unknown P")
+    assert {tr["name"] for tr in pair["data"]} == {"unknown P"}
+    assert sorted(x for tr in pair["data"] for x in tr["x"]) == ["decode-h", "decode-u"]
     # one bucket per engine with transfers: hybrid's at T0, upstream's 2 min later
     assert latency["layout"]["yaxis"]["title"]["text"] == figures.LATENCY_AXIS_TITLE
     traces = {tr["name"]: tr for tr in latency["data"]}

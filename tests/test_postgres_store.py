@@ -25,19 +25,35 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from pg_cluster import PgCluster, race_schema
 from sqlalchemy import Engine, create_engine, insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError
+from test_dashboard_instances import P0, P1, D, write_multi_host
 from test_dashboard_queries import T0, SpanWriter, load_gen, write_connector_spans
 from test_sqlite_exporter import (
     FAIL,
+    IDENTITY,
     OK,
     assert_every_span_stored,
     make_spans,
     run_processes,
+    run_same_identity,
     run_writer_processes,
+    traced,
 )
 
-from hybrid_pd.dashboard import connector_queries, queries, timeline_queries, transfer_queries
+from hybrid_pd.dashboard import (
+    connector_queries,
+    instance_queries,
+    queries,
+    timeline_queries,
+    transfer_queries,
+)
 from hybrid_pd.telemetry import attributes as A
-from hybrid_pd.telemetry.schema import CONTRACT_COLUMNS, SCHEMA_VERSION, metadata_obj, spans_table
+from hybrid_pd.telemetry.schema import (
+    CONTRACT_COLUMNS,
+    SCHEMA_VERSION,
+    metadata_obj,
+    processes_table,
+    spans_table,
+)
 from hybrid_pd.telemetry.sqlite_exporter import SQLiteSpanExporter, drops_table
 from hybrid_pd.telemetry.store import SCHEMA_LOCK_KEY
 
@@ -109,6 +125,14 @@ def test_same_spans_same_rows_columns_and_indexes(pg_url: str, tmp_path: Path) -
     assert "->> 'hybrid_pd.connector'" in defs["ix_spans_name_connector_start_ns"]
     assert pg_rows(pg_url, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
     assert pg_i.get_columns("spans")[0]["type"].python_type is int  # BIGSERIAL id
+    # processes: the same identity rows (first_seen_ns is each writer's own clock)
+    ident = "SELECT service, role, engine_id, pid, host FROM processes ORDER BY id"
+    assert pg_rows(pg_url, ident) == sqlite_rows(lite, ident) == [
+        ("decode-0", "decode", "eng-d", 4242, None)]
+    defs = dict(pg_rows(pg_url, "SELECT indexname, indexdef FROM pg_indexes "
+                                "WHERE tablename = 'processes'"))
+    assert "CREATE UNIQUE INDEX ux_processes_identity" in defs["ux_processes_identity"]
+    assert "COALESCE(host, ''::text)" in defs["ux_processes_identity"], defs
     lite_e.dispose()
     pg_e.dispose()
 
@@ -177,6 +201,44 @@ def test_schema_creation_waits_for_the_schema_lock(pg_cluster: PgCluster) -> Non
     holder.dispose()
 
 
+def test_processes_one_row_per_identity(pg_cluster: PgCluster) -> None:
+    """Restarts and NULL identities on PostgreSQL (whose UNIQUE lets NULLs repeat):
+    still one row each; the first sighting is kept."""
+    url = pg_cluster.create_database("processes")
+    # A writer inserts in this order, the order in which the schema transaction locks
+    # the tables (test_schema_creation_races_from_several_processes deadlocked otherwise).
+    order = [t.name for t in metadata_obj.sorted_tables]
+    assert order.index("processes") < order.index("spans") < order.index("telemetry_drops")
+    sql = "SELECT service, role, engine_id, pid, host, first_seen_ns FROM processes ORDER BY id"
+    traced(SQLiteSpanExporter(url), IDENTITY, span_attrs={A.ENGINE_ID: "eng-d"})
+    first = pg_rows(url, sql)
+    assert sorted(r[2] for r in first) == ["eng-d", "eng-d-rank0"]
+    traced(SQLiteSpanExporter(url), IDENTITY, span_attrs={A.ENGINE_ID: "eng-d"})
+    traced(SQLiteSpanExporter(url), {"service.name": "unit"}, n=2)
+    traced(SQLiteSpanExporter(url), {"service.name": "unit"}, n=2)
+    assert pg_rows(url, sql)[:2] == first
+    assert [r[:5] for r in pg_rows(url, sql)[2:]] == [("unit", None, None, None, None)]
+
+
+def test_processes_same_identity_from_several_processes(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.create_database("same_identity")
+    run_same_identity(url, lambda sql: pg_rows(url, sql))
+
+
+def test_dashboard_without_processes_table(pg_cluster: PgCluster) -> None:
+    """A central store made before table processes: hosts unknown, pairs still there."""
+    url = pg_cluster.create_database("no_processes")
+    write_multi_host([url])
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE processes"))
+    engine.dispose()
+    ro = queries.open_engine(url)
+    assert instance_queries.processes(ro).empty
+    assert instance_queries.transfer_pairs(ro)["p_engine_id"].tolist() == [P0, P1]
+    ro.dispose()
+
+
 # ------------------------------------------------------------ never block, never lose
 
 
@@ -219,7 +281,7 @@ def copy_spans(src: Path, url: str) -> None:
     SQLiteSpanExporter(url).shutdown()  # the schema, as a writer makes it
     lite, pg = create_engine(f"sqlite:///{src}"), create_engine(url)
     with lite.connect() as src_conn, pg.begin() as dst:
-        for table in (spans_table, drops_table):
+        for table in (spans_table, drops_table, processes_table):
             rows = [dict(r._mapping) for r in src_conn.execute(select(table))]
             for i in range(0, len(rows), 5_000):
                 dst.execute(insert(table), rows[i:i + 5_000])
@@ -264,6 +326,16 @@ def synthetic_pair(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFacto
     return str(lite), url
 
 
+@pytest.fixture(scope="module")
+def hosts_pair(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[str, str]:
+    """test_dashboard_instances' spans of two hosts (P0, P1, D) in both stores."""
+    lite = tmp_path_factory.mktemp("hosts_pair") / "spans.db"
+    url = pg_cluster.create_database("hosts")
+    write_multi_host([str(lite), url])
+    return str(lite), url
+
+
 # Public functions taking an engine that are not page queries: they run what they are given.
 NOT_QUERIES = {"queries.fetch_frame"}
 
@@ -272,7 +344,7 @@ def public_query_functions() -> set[str]:
     """``module.function`` of every public function of the dashboard's query modules whose
     first parameter is the engine."""
     out = set()
-    for mod in (queries, transfer_queries, connector_queries, timeline_queries):
+    for mod in (queries, transfer_queries, connector_queries, timeline_queries, instance_queries):
         for name, fn in vars(mod).items():
             if (pyinspect.isfunction(fn) and fn.__module__ == mod.__name__
                     and not name.startswith("_")
@@ -300,7 +372,28 @@ def query_calls(lo: int, hi: int, rid: str) -> dict[str, Callable[[Engine], Any]
             lambda e: timeline_queries.request_list(e, "slowest"),
         "timeline_queries.request_timeline": lambda e: timeline_queries.request_timeline(e, rid),
         "transfer_queries.transfer_buckets": lambda e: x.transfer_buckets(e, lo, hi),
+        # first_seen_ns is each writer's clock: two exporters of one span stream differ
+        "instance_queries.processes":
+            lambda e: instance_queries.processes(e).drop(columns="first_seen_ns"),
     }
+    # The host / engine-instance filter: a P (its transfers), D, and no engine at all.
+    for engines in ((P0,), (D, P1), ()):
+        calls.update({f"{k} engines={engines}": v for k, v in {
+            "transfer_queries.transfer_stats": lambda e, g=engines: x.transfer_stats(
+                e, engines=g),
+            "transfer_queries.transfer_buckets": lambda e, g=engines: x.transfer_buckets(
+                e, lo, hi, engines=g),
+            "transfer_queries.failures": lambda e, g=engines: x.failures(e, engines=g),
+            "transfer_queries.failure_counts":
+                lambda e, g=engines: x.failure_counts(e, engines=g),
+            "transfer_queries.read_stats": lambda e, g=engines: x.read_stats(e, engines=g),
+            "connector_queries.desc_build_stats":
+                lambda e, g=engines: c.desc_build_stats(e, engines=g),
+            "timeline_queries.request_list":
+                lambda e, g=engines: timeline_queries.request_list(e, engines=g),
+            "instance_queries.transfer_pairs":
+                lambda e, g=engines: instance_queries.transfer_pairs(e, engines=g),
+        }.items()})
     for label, (s, t) in {"all": (None, None), "half": ((lo + hi) // 2, hi)}.items():
         calls.update({f"{k}({label})": v for k, v in {
             "transfer_queries.transfers": lambda e, s=s, t=t: x.transfers(e, s, t),
@@ -320,6 +413,8 @@ def query_calls(lo: int, hi: int, rid: str) -> dict[str, Callable[[Engine], Any]
             "connector_queries.connector_reads": lambda e, s=s, t=t: c.connector_reads(e, s, t),
             "connector_queries.connector_reads with bench":
                 lambda e, s=s, t=t: c.connector_reads(e, s, t, compared=every),
+            "instance_queries.transfer_pairs":
+                lambda e, s=s, t=t: instance_queries.transfer_pairs(e, s, t),
         }.items()})
     return calls
 
@@ -349,7 +444,22 @@ def types(x: Any) -> Any:
     return type(x).__name__
 
 
-@pytest.mark.parametrize("pair", ["connector_pair", "synthetic_pair"])
+# Per database: answers that must have rows, so that no comparison is of empty frames.
+NON_EMPTY: dict[str, tuple[str, ...]] = {
+    "connector_pair": ("transfer_queries.failures(all)", "connector_queries.connector_reads(all)",
+                       "timeline_queries.request_timeline", "transfer_queries.transfer_buckets",
+                       "transfer_queries.read_stats(all)", "transfer_queries.reads(half)",
+                       "instance_queries.processes"),
+    "hosts_pair": ("instance_queries.processes", "instance_queries.transfer_pairs(all)",
+                   "instance_queries.transfer_pairs(half)",
+                   f"transfer_queries.failures engines={(P0,)}",
+                   f"instance_queries.transfer_pairs engines={(D, P1)}",
+                   "timeline_queries.request_timeline"),
+}
+NON_EMPTY["synthetic_pair"] = NON_EMPTY["connector_pair"][:-1]
+
+
+@pytest.mark.parametrize("pair", ["connector_pair", "synthetic_pair", "hosts_pair"])
 def test_dashboard_queries_same_on_both_stores(pair: str, request: pytest.FixtureRequest) -> None:
     """Every public dashboard query gives the same answer (values, dtypes, order) on
     PostgreSQL as on SQLite over the same spans."""
@@ -370,9 +480,7 @@ def test_dashboard_queries_same_on_both_stores(pair: str, request: pytest.Fixtur
     assert sqlite_status.ok and sqlite_status == pg_status, (sqlite_status, pg_status)
     assert not diffs, "\n".join(diffs)
     # Not a comparison of empty frames: the pages' main loads all have rows.
-    for name in ("transfer_queries.failures(all)", "connector_queries.connector_reads(all)",
-                 "timeline_queries.request_timeline", "transfer_queries.transfer_buckets",
-                 "transfer_queries.read_stats(all)", "transfer_queries.reads(half)"):
+    for name in NON_EMPTY[pair]:
         assert len(answers[name]) > 0, name
     lite_e.dispose()
     pg_e.dispose()
@@ -415,3 +523,22 @@ def test_dashboard_pages_on_postgres(page: str, monkeypatch: pytest.MonkeyPatch,
     for pg_df, lite_df in zip(*tables, strict=True):
         pd.testing.assert_frame_equal(pg_df, lite_df)
     assert not at_pg.sidebar.warning  # every index there
+
+
+@pytest.mark.parametrize("page", ["overview", "timeline", "layers", "descriptors", "failures"])
+def test_dashboard_pages_filtered_on_postgres(page: str, monkeypatch: pytest.MonkeyPatch,
+                                              hosts_pair: tuple[str, str]) -> None:
+    """The pages with the host filter on: the same figures and tables on both stores."""
+    from test_dashboard_app import charts, metrics, open_page
+
+    lite, url = hosts_pair
+    ats = [open_page(monkeypatch, db, page) for db in (url, lite)]
+    for at in ats:
+        assert at.multiselect(key="hosts").options == ["host-a", "host-b"]
+        at.multiselect(key="hosts").set_value(["host-a"]).run()
+        assert not at.exception, [e.value for e in at.exception]
+    at_pg, at_lite = ats
+    assert metrics(at_pg) == metrics(at_lite), page
+    assert charts(at_pg) == charts(at_lite), page
+    for pg_df, lite_df in zip(*[[d.value for d in at.dataframe] for at in ats], strict=True):
+        pd.testing.assert_frame_equal(pg_df, lite_df)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -273,6 +274,11 @@ def assert_every_span_stored(results: list[dict[str, Any]],
     assert query("""SELECT rank, layer, bytes, descriptors, layer_kind, role, engine_id
                    FROM spans WHERE request_id = 'w3-r17' AND layer = 5""") == [
         (3, 5, 5003, 3, "mamba", "bench", "w3")]
+    # One processes row per writer: its resource's engine id is its spans' (w<i>).
+    assert query("""SELECT service, role, engine_id, host, COUNT(DISTINCT pid) FROM processes
+                    GROUP BY service, role, engine_id, host ORDER BY service""") == [
+        (f"writer-{i}", "bench", f"w{i}", socket.gethostname(), 1) for i in range(procs_n)]
+    assert query("SELECT COUNT(*) FROM processes") == [(procs_n,)]
     # The writers really overlapped: in insertion order, batches of different processes
     # alternate (a run = consecutive rows of one service).
     services = [r[0] for r in query("SELECT service FROM spans ORDER BY id")]
@@ -290,6 +296,95 @@ def test_concurrent_writer_processes_store_every_span(tmp_path: Path) -> None:
     t_total = max(r["t_total"] for r in results)
     print(f"\n{created} spans from {procs_n} processes stored in {t_total:.2f} s "
           f"(create+flush, {created / t_total:,.0f} spans/s overall, {runs} interleaved runs)")
+
+
+# ------------------------------------------------------------------- table processes
+
+PROCESS_COLUMNS = ["id", "service", "role", "engine_id", "pid", "host", "first_seen_ns"]
+IDENTITY = {"service.name": "hybrid-pd-decode", A.RESOURCE_ROLE: "decode",
+            A.RESOURCE_ENGINE_ID: "eng-d-rank0", A.RESOURCE_PID: 4242,
+            A.RESOURCE_HOST_NAME: "host-b"}
+
+
+def traced(exporter: SQLiteSpanExporter, attrs: dict[str, Any], n: int = 3,
+           span_attrs: dict[str, Any] | None = None) -> None:
+    """``n`` spans, one batch each, from a provider whose resource is ``attrs``."""
+    resource = Resource.create(attrs)
+    exporter.set_origin(resource)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    for _ in range(n):
+        with provider.get_tracer("t").start_as_current_span(A.SPAN_KV_READ) as span:
+            A.set_attrs(span, span_attrs or {})
+    provider.shutdown()
+
+
+def test_processes_one_row_per_identity(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    # a vLLM worker: the resource names "<engine>-rank0", its spans the engine
+    traced(SQLiteSpanExporter(db), IDENTITY, span_attrs={A.ENGINE_ID: "eng-d"})
+    assert [r[1] for r in rows(db, "PRAGMA table_info(processes)")] == PROCESS_COLUMNS
+    sql = "SELECT service, role, engine_id, pid, host, first_seen_ns FROM processes ORDER BY engine_id"
+    first = rows(db, sql)
+    assert [r[:5] for r in first] == [("hybrid-pd-decode", "decode", "eng-d", 4242, "host-b"),
+                                      ("hybrid-pd-decode", "decode", "eng-d-rank0", 4242, "host-b")]
+    # a restart with the same identity: nothing new, the first sighting kept
+    traced(SQLiteSpanExporter(db), IDENTITY, span_attrs={A.ENGINE_ID: "eng-d"})
+    assert rows(db, sql) == first
+    # unknown host, pid, role, engine (NULLs): still one row, however many batches
+    traced(SQLiteSpanExporter(db), {"service.name": "unit"}, n=4)
+    traced(SQLiteSpanExporter(db), {"service.name": "unit"}, n=2)
+    assert rows(db, "SELECT role, engine_id, pid, host FROM processes WHERE service = 'unit'") == [
+        (None, None, None, None)]
+    assert rows(db) == [(12,)]
+
+
+def test_processes_row_waits_for_a_writable_database(tmp_path: Path) -> None:
+    """A batch that could not be written keeps its identity for the next one."""
+    db = tmp_path / "w.db"
+    exporter = SQLiteSpanExporter(db, busy_timeout_ms=50, max_retries=0)
+    exporter.set_origin(Resource.create(IDENTITY))
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert exporter.export(make_spans(2)) is FAIL
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert rows(db, "SELECT COUNT(*) FROM processes") == [(0,)]
+    assert exporter.export(make_spans(2)) is OK
+    # the origin, and the identity of make_spans' own resource
+    assert rows(db, "SELECT engine_id, host FROM processes ORDER BY engine_id") == [
+        (None, None), ("eng-d-rank0", "host-b")]
+    # shutdown alone writes the origin of an exporter that never exported
+    other = SQLiteSpanExporter(db)
+    other.set_origin(Resource.create({**IDENTITY, A.RESOURCE_PID: 1}))
+    other.shutdown()
+    assert rows(db, "SELECT COUNT(*) FROM processes WHERE pid = 1") == [(1,)]
+
+
+def _same_identity_writer(db: str, barrier: Any, out: Any) -> None:
+    """One of several processes whose resources name the same identity (as restarts
+    that reuse a pid would): 10 batches of one span, started together."""
+    exporter = SQLiteSpanExporter(db)
+    barrier.wait(timeout=120)
+    traced(exporter, IDENTITY, n=10)
+    out.put({"exported": exporter.exported, "dropped": exporter.dropped,
+             "last_error": exporter.last_error})
+
+
+def run_same_identity(db: str, query: Callable[[str], list[tuple[Any, ...]]]) -> None:
+    """4 processes insert the same processes row at once: one row, no batch lost."""
+    results = run_processes(_same_identity_writer, [(db,)] * 4)
+    assert [(r["exported"], r["dropped"]) for r in results] == [(10, 0)] * 4, results
+    assert query("SELECT COUNT(*) FROM spans") == [(40,)]
+    assert query("SELECT service, engine_id, pid, host FROM processes") == [
+        ("hybrid-pd-decode", "eng-d-rank0", 4242, "host-b")]
+
+
+def test_processes_same_identity_from_several_processes(tmp_path: Path) -> None:
+    db = tmp_path / "same.db"
+    run_same_identity(str(db), lambda sql: rows(db, sql))
 
 
 # ------------------------------------------------------------ never block, never lose

@@ -15,7 +15,14 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import Engine
 
-from hybrid_pd.dashboard import connector_queries, queries, timeline_queries, transfer_queries
+from hybrid_pd.dashboard import (
+    connector_queries,
+    instance_queries,
+    queries,
+    timeline_queries,
+    transfer_queries,
+)
+from hybrid_pd.dashboard.queries import Engines
 from hybrid_pd.settings import ENV_TELEMETRY_DB
 
 TTL_S = 10  # seconds a cached load stays valid; also the shortest auto-refresh period
@@ -70,38 +77,45 @@ def drops_banner(db: str, start_ns: int | None) -> None:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading transfers…")
-def transfers(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return transfer_queries.transfers(get_engine(db), start_ns, end_ns)
+def transfers(db: str, start_ns: int | None, end_ns: int | None,
+              engines: Engines = None) -> pd.DataFrame:
+    return transfer_queries.transfers(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading reads…")
-def reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return transfer_queries.reads(get_engine(db), start_ns, end_ns)
+def reads(db: str, start_ns: int | None, end_ns: int | None,
+          engines: Engines = None) -> pd.DataFrame:
+    return transfer_queries.reads(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def desc_builds(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return connector_queries.desc_builds(get_engine(db), start_ns, end_ns)
+def desc_builds(db: str, start_ns: int | None, end_ns: int | None,
+                engines: Engines = None) -> pd.DataFrame:
+    return connector_queries.desc_builds(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def failures(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return transfer_queries.failures(get_engine(db), start_ns, end_ns)
+def failures(db: str, start_ns: int | None, end_ns: int | None,
+             engines: Engines = None) -> pd.DataFrame:
+    return transfer_queries.failures(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def failure_counts(db: str, start_ns: int | None, end_ns: int | None) -> dict[str, int]:
-    return transfer_queries.failure_counts(get_engine(db), start_ns, end_ns)
+def failure_counts(db: str, start_ns: int | None, end_ns: int | None,
+                   engines: Engines = None) -> dict[str, int]:
+    return transfer_queries.failure_counts(get_engine(db), start_ns, end_ns, engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Aggregating transfers…")
 def transfer_stats(db: str, start_ns: int | None, end_ns: int | None,
-                   by: tuple[str, ...] = ("engine_id", "rank")) -> pd.DataFrame:
-    return transfer_queries.transfer_stats(get_engine(db), start_ns, end_ns, by)
+                   by: tuple[str, ...] = ("engine_id", "rank"),
+                   engines: Engines = None) -> pd.DataFrame:
+    return transfer_queries.transfer_stats(get_engine(db), start_ns, end_ns, by, engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def transfer_buckets(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
+def transfer_buckets(db: str, start_ns: int | None, end_ns: int | None,
+                     engines: Engines = None) -> pd.DataFrame:
     """Time buckets over the range; "all" is bucketed between the first and last span."""
     if start_ns is None or end_ns is None:
         lo, hi = time_bounds(db)
@@ -109,17 +123,19 @@ def transfer_buckets(db: str, start_ns: int | None, end_ns: int | None) -> pd.Da
         end_ns = hi if end_ns is None else end_ns
     if start_ns is None or end_ns is None:
         return transfer_queries.transfer_buckets(get_engine(db), 0, -1)  # no spans: no rows
-    return transfer_queries.transfer_buckets(get_engine(db), start_ns, end_ns)
+    return transfer_queries.transfer_buckets(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def read_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return transfer_queries.read_stats(get_engine(db), start_ns, end_ns)
+def read_stats(db: str, start_ns: int | None, end_ns: int | None,
+               engines: Engines = None) -> pd.DataFrame:
+    return transfer_queries.read_stats(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def desc_build_stats(db: str, start_ns: int | None, end_ns: int | None) -> pd.DataFrame:
-    return connector_queries.desc_build_stats(get_engine(db), start_ns, end_ns)
+def desc_build_stats(db: str, start_ns: int | None, end_ns: int | None,
+                     engines: Engines = None) -> pd.DataFrame:
+    return connector_queries.desc_build_stats(get_engine(db), start_ns, end_ns, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -133,13 +149,65 @@ def connector_reads(db: str, start_ns: int | None, end_ns: int | None) -> pd.Dat
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def request_list(db: str, order: timeline_queries.RequestOrder) -> pd.DataFrame:
-    return timeline_queries.request_list(get_engine(db), order)
+def request_list(db: str, order: timeline_queries.RequestOrder,
+                 engines: Engines = None) -> pd.DataFrame:
+    return timeline_queries.request_list(get_engine(db), order, engines=engines)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner="Loading the request's spans…")
 def request_timeline(db: str, request_id: str) -> pd.DataFrame:
     return timeline_queries.request_timeline(get_engine(db), request_id)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def transfer_pairs(db: str, start_ns: int | None, end_ns: int | None,
+                   engines: Engines = None) -> pd.DataFrame:
+    return instance_queries.transfer_pairs(get_engine(db), start_ns, end_ns, engines)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def processes(db: str) -> pd.DataFrame:
+    return instance_queries.processes(get_engine(db))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def engine_directory(db: str) -> pd.DataFrame:
+    """Every engine instance: those in ``processes`` and those only named by transfer
+    spans (as D, or as the P read from), whatever the time range."""
+    pairs = transfer_pairs(db, None, None)
+    seen = tuple(str(e) for e in pd.concat([pairs["d_engine_id"], pairs["p_engine_id"]]).dropna())
+    return instance_queries.engine_directory(processes(db), seen)
+
+
+def sidebar_instances(db: str) -> Engines:
+    """Host and engine-instance pickers; the engine ids to keep, None when unfiltered.
+
+    Hosts come from table ``processes``; a database made before it has none, and then
+    only the engine picker (raw ids) is offered.
+    """
+    directory = engine_directory(db)
+    host_list = instance_queries.hosts(processes(db))
+    picked_hosts: list[str] = []
+    if host_list:
+        picked_hosts = st.sidebar.multiselect(
+            "Hosts", host_list, key="hosts",
+            help="Engines running on these hosts (table `processes`); empty: all.")
+    else:
+        st.sidebar.caption("Hosts unknown: no writer of this database recorded its host "
+                           "(table `processes` is missing, from an older hybrid-pd, or "
+                           "names none).")
+    if picked_hosts:
+        on_host = directory["host"].fillna("").map(
+            lambda h: bool(set(h.split(", ")) & set(picked_hosts)))
+        directory = directory[on_host]
+    labels = dict(zip(directory["engine_id"], directory["label"], strict=True))
+    picked = st.sidebar.multiselect(
+        "Engine instances", list(labels), format_func=labels.__getitem__, key="engines",
+        help="A transfer counts for its D engine and for the P engine it read from; "
+        "empty: all.")
+    if picked:
+        return tuple(sorted(picked))
+    return tuple(sorted(labels)) if picked_hosts else None
 
 
 def require_db() -> str:

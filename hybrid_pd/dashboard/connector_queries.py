@@ -17,7 +17,9 @@ from sqlalchemy import ColumnElement, Engine, Select, func, select, true
 
 from hybrid_pd.dashboard.queries import (
     DEFAULT_MAX_ROWS,
+    Engines,
     fetch_frame,
+    for_engines,
     in_window,
     ranked,
     spans_by_name,
@@ -51,22 +53,24 @@ COMPARE_MAX_REQUESTS = 200
 
 
 def desc_builds(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-                limit: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
+                limit: int = DEFAULT_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
     df = spans_by_name(engine, (A.SPAN_KV_DESC_BUILD,), start_ns, end_ns, limit,
-                       (A.KV_DESC_SCOPE, A.KV_VIEW, A.CONNECTOR))
+                       (A.KV_DESC_SCOPE, A.KV_VIEW, A.CONNECTOR), engines)
     if not df.empty:
         df[A.CONNECTOR] = df[A.CONNECTOR].fillna(LEGACY_CONNECTOR)
     return df
 
 
 def desc_build_stats(engine: Engine, start_ns: int | None = None,
-                     end_ns: int | None = None) -> pd.DataFrame:
-    """Descriptor builds per scope and connector: builds, descriptors, bytes, p50/max µs."""
+                     end_ns: int | None = None, engines: Engines = None) -> pd.DataFrame:
+    """Descriptor builds per scope and connector: builds, descriptors, bytes, p50/max µs
+    (of the builds of ``engines``, ``queries.for_engines``)."""
     base = select(
         span_attr(A.KV_DESC_SCOPE).label("scope"),
         func.coalesce(CONNECTOR_EXPR, LEGACY_CONNECTOR).label("connector"),
         _S.descriptors, _S.bytes, _S.duration_ns,
-    ).where(_S.name == A.SPAN_KV_DESC_BUILD, *in_window(start_ns, end_ns)).subquery()
+    ).where(_S.name == A.SPAN_KV_DESC_BUILD, *in_window(start_ns, end_ns),
+            *for_engines(engines)).subquery()
     r = ranked(base, ("scope", "connector"), ("duration_ns",))
     stmt = (
         select(

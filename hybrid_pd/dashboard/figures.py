@@ -143,7 +143,7 @@ def timeline_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
         color_discrete_map=COLOURS,
         category_orders={"row": order, "category": [c for c in _CATEGORY_ORDER if c in set(rows["category"])]},
         custom_data=["name", "duration_us", "hover_bytes", "hover_desc", "hover_post",
-                     "hover_xfer", "hover_status", "engine_id"],
+                     "hover_xfer", "hover_status", "engine" if "engine" in rows else "engine_id"],
         title=title,
     )
     fig.update_traces(
@@ -172,6 +172,10 @@ def _width_text(buckets: pd.DataFrame) -> str:
 
 
 def _where(df: pd.DataFrame) -> list[str]:
+    """Legend entries: the ``engine`` label (``instance_queries.label_engines``) if the
+    page added one, else the raw engine id and rank."""
+    if "engine" in df:
+        return list(df["engine"])
     return [f"{e} rank {_int(r)}" for e, r in zip(df["engine_id"], df["rank"], strict=True)]
 
 
@@ -287,4 +291,18 @@ def connector_comparison(per_kind: pd.DataFrame) -> go.Figure:
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     fig.update_traces(textposition="outside", cliponaxis=False)
     fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
+
+
+PAIR_AXIS_TITLE = "transfers (count)"
+
+
+def pair_bars(pairs: pd.DataFrame) -> go.Figure:
+    """Transfers per (P instance, D instance): a bar per D, one colour per P; errors and
+    bytes in the hover (``instance_queries.label_pairs`` rows)."""
+    fig = px.bar(pairs, x="D instance", y="transfers", color="P instance", barmode="group",
+                 hover_data={"errors": True, "bytes moved": True},
+                 labels={"transfers": PAIR_AXIS_TITLE})
+    fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 30, "b": 40},
+                      legend={"title_text": "P instance"})
     return fig

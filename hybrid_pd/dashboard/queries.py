@@ -51,6 +51,7 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    or_,
     select,
 )
 from sqlalchemy.dialects import postgresql as postgresql_dialect
@@ -60,6 +61,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateIndex
 
 from hybrid_pd.settings import ENV_TELEMETRY_DB
+from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry.schema import (
     DASHBOARD_INDEXES,
     SCHEMA_VERSION,
@@ -90,6 +92,9 @@ SPAN_COLS = (
 # Window loads take the attributes they show out of the JSON in SQL (json_extract), not
 # the whole JSON text into Python: at 2*10^4 rows json.loads was a third of a page load.
 WINDOW_COLS = tuple(c for c in SPAN_COLS if c.name != "attributes")
+
+# Engine instances a page is filtered to (:func:`for_engines`); None: every one.
+Engines = tuple[str, ...] | None
 
 # The biggest window a page loads at once; above it the page says the result was cut.
 DEFAULT_MAX_ROWS = 200_000
@@ -259,6 +264,16 @@ def in_window(start_ns: int | None, end_ns: int | None) -> list[ColumnElement[bo
     return conds
 
 
+def for_engines(engines: Engines) -> list[ColumnElement[bool]]:
+    """Spans of the engine instances ``engines`` (None: no filter): the span's own engine
+    or, for D's transfer and READ spans, the P engine it read from (``kv.peer_engine_id``),
+    so picking a P shows the transfers out of it.  The peer id lives in the JSON, so a
+    filtered query reads the span rows (covering indexes no longer cover it)."""
+    if engines is None:
+        return []
+    return [or_(_S.engine_id.in_(engines), span_attr(A.KV_PEER_ENGINE_ID).in_(engines))]
+
+
 def ranked(base: Subquery, keys: tuple[str, ...], values: tuple[str, ...]) -> Subquery:
     """``base`` plus, per column ``v`` of ``values``, ``_rn_v`` (v's rank in its group,
     smallest first, NULLs last) and ``_n_v`` (the group's non-NULL count of v)."""
@@ -338,15 +353,16 @@ def spans_by_name(
     end_ns: int | None = None,
     limit: int = DEFAULT_MAX_ROWS,
     attrs: tuple[str, ...] = (),
+    engines: Engines = None,
 ) -> pd.DataFrame:
     """Spans of the given names started in [start_ns, end_ns], newest first, at most ``limit``.
 
     ``attrs`` are attribute keys copied out of the JSON into columns of the same name (in
-    SQL); the raw ``attributes`` text is not loaded.
+    SQL); the raw ``attributes`` text is not loaded.  ``engines``: :func:`for_engines`.
     """
     stmt = (
         select(*WINDOW_COLS, *attr_cols(attrs))
-        .where(_S.name.in_(names), *in_window(start_ns, end_ns))
+        .where(_S.name.in_(names), *in_window(start_ns, end_ns), *for_engines(engines))
         .order_by(_S.start_ns.desc())
         .limit(limit)
     )

@@ -10,8 +10,10 @@ from sqlalchemy.sql.selectable import CompoundSelect
 
 from hybrid_pd.dashboard.queries import (
     SPAN_COLS,
+    Engines,
     add_derived,
     fetch_frame,
+    for_engines,
     parse_attributes,
     sql_literal,
     sql_sum,
@@ -24,11 +26,13 @@ _S = spans_table.c
 RequestOrder = Literal["latest", "slowest"]
 
 
-def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 200) -> pd.DataFrame:
+def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 200,
+                 engines: Engines = None) -> pd.DataFrame:
     """Requests that had a KV transfer: id, first start, slowest transfer, bytes, errors.
 
     Grouped over transfer spans only, from ``ix_spans_transfer_cover`` (a partial index
-    holding just those spans and the columns read here), so no table row is visited.
+    holding just those spans and the columns read here), so no table row is visited
+    unless filtered by ``engines`` (``queries.for_engines``: those transfers only).
     """
     dur = func.max(_S.duration_ns).label("duration_ns")
     stmt = (
@@ -40,7 +44,8 @@ def request_list(engine: Engine, order: RequestOrder = "latest", limit: int = 20
             func.count().label("transfers"),
             func.sum(case((_S.status == "ERROR", 1), else_=0)).label("errors"),
         )
-        .where(_S.name == sql_literal(A.SPAN_KV_TRANSFER), _S.request_id.is_not(None))
+        .where(_S.name == sql_literal(A.SPAN_KV_TRANSFER), _S.request_id.is_not(None),
+               *for_engines(engines))
         .group_by(_S.request_id)
         # request_id breaks ties, so both backends list equal requests in one order.
         .order_by(dur.desc() if order == "slowest" else func.min(_S.start_ns).desc(),

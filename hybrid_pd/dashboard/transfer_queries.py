@@ -10,14 +10,27 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import ColumnElement, Engine, Float, Select, case, cast, func, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Float,
+    Select,
+    Subquery,
+    case,
+    cast,
+    func,
+    select,
+    union_all,
+)
 
 from hybrid_pd.dashboard.queries import (
     DEFAULT_MAX_ROWS,
     WINDOW_COLS,
+    Engines,
     add_derived,
     attr_cols,
     fetch_frame,
+    for_engines,
     in_window,
     ranked,
     spans_by_name,
@@ -42,33 +55,33 @@ MAX_BUCKETS = 120
 
 
 def transfers(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-              limit: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
+              limit: int = DEFAULT_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
     """Decode-side transfer spans (one per request and D rank) with outcome and reads."""
     return spans_by_name(engine, (A.SPAN_KV_TRANSFER,), start_ns, end_ns, limit,
-                         (A.KV_STATUS, A.KV_READS, A.KV_PEER_ENGINE_ID, A.CONNECTOR))
+                         (A.KV_STATUS, A.KV_READS, A.KV_PEER_ENGINE_ID, A.CONNECTOR), engines)
 
 
 def reads(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-          limit: int = READS_MAX_ROWS) -> pd.DataFrame:
+          limit: int = READS_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
     """READ spans (per layer with ``--granularity layer``) with NIXL's own timings."""
     return spans_by_name(engine, (A.SPAN_KV_READ,), start_ns, end_ns, limit,
-                         (A.KV_STATUS, A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US))
+                         (A.KV_STATUS, A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US), engines)
 
 
 FAILURE_ATTRS: tuple[str, ...] = (A.KV_STATUS, A.KV_FAILURE_REASON, A.KV_WAITED_MS)
 
 
 def failures(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-             limit: int = FAILURES_MAX_ROWS) -> pd.DataFrame:
+             limit: int = FAILURES_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
     """Failed (status ERROR), stalled and aborted spans, newest first, at most ``limit``.
 
     Two index lookups: every ERROR span through the partial ``ix_spans_error_start_ns``
     (it holds only failed spans, so a whole-database range reads a few hundred entries
     of 10^6), and the stall/abort spans through ``ix_spans_name_start_ns``.  Without the
     partial index (a database made before it) the first one scans the table, ~1 s per
-    10^6 spans.
+    10^6 spans.  ``engines``: ``queries.for_engines``.
     """
-    win = in_window(start_ns, end_ns)
+    win = [*in_window(start_ns, end_ns), *for_engines(engines)]
     cols = (*WINDOW_COLS, *attr_cols(FAILURE_ATTRS))
     errors = select(*cols).where(_S.status == sql_literal("ERROR"), *win)
     others = select(*cols).where(_S.name.in_((A.SPAN_KV_STALL, A.SPAN_KV_ABORT)),
@@ -80,10 +93,11 @@ def failures(engine: Engine, start_ns: int | None = None, end_ns: int | None = N
 
 
 def failure_counts(engine: Engine, start_ns: int | None = None,
-                   end_ns: int | None = None) -> dict[str, int]:
+                   end_ns: int | None = None, engines: Engines = None) -> dict[str, int]:
     """How many spans failed (``errors``), stalled and aborted in the range: three counts
-    answered from the indexes alone (``ix_spans_error_start_ns``, ``ix_spans_name_start_ns``)."""
-    win = in_window(start_ns, end_ns)
+    answered from the indexes alone (``ix_spans_error_start_ns``, ``ix_spans_name_start_ns``;
+    the rows too when filtered by ``engines``)."""
+    win = [*in_window(start_ns, end_ns), *for_engines(engines)]
     with engine.connect() as conn:
         errors = conn.execute(
             select(func.count()).select_from(spans_table).where(_S.status == sql_literal("ERROR"), *win)
@@ -119,8 +133,24 @@ def _transfer_derived(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def transfer_aggregates(r: Subquery, failed: str = "failed",
+                        percentiles: tuple[int, ...] = (50, 90, 99)) -> list[ColumnElement[Any]]:
+    """Per group of ``r`` (a ``queries.ranked`` transfer subquery): transfers, ``failed``
+    (status ERROR), bytes, busy_ns (sum of durations), the nearest-rank ``percentiles``
+    and the max of the duration (``p<N>_ns``, ``max_ns``)."""
+    return [
+        func.count().label("transfers"),
+        func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label(failed),
+        func.coalesce(sql_sum(r.c.bytes), 0).label("bytes"),
+        func.coalesce(sql_sum(r.c.duration_ns), 0).label("busy_ns"),
+        *[sql_percentile(r, "duration_ns", p).label(f"p{p}_ns") for p in percentiles],
+        func.max(r.c.duration_ns).label("max_ns"),
+    ]
+
+
 def transfer_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-                   by: tuple[str, ...] = ("engine_id", "rank")) -> pd.DataFrame:
+                   by: tuple[str, ...] = ("engine_id", "rank"),
+                   engines: Engines = None) -> pd.DataFrame:
     """Transfer spans aggregated per ``by`` (``()``: one row for the whole range).
 
     Columns: ``by``, transfers, failed (status ERROR), bytes, busy_ns (sum of durations),
@@ -128,20 +158,10 @@ def transfer_stats(engine: Engine, start_ns: int | None = None, end_ns: int | No
     statement over ``ix_spans_transfer_cover``; an empty range gives one row of 0 when
     ``by`` is ``()`` and no row otherwise.
     """
-    base = _transfer_rows(*in_window(start_ns, end_ns)).subquery()
+    base = _transfer_rows(*in_window(start_ns, end_ns), *for_engines(engines)).subquery()
     r = ranked(base, by, ("duration_ns",))
     keys = [r.c[k] for k in by]
-    stmt = select(
-        *keys,
-        func.count().label("transfers"),
-        func.coalesce(func.sum(case((r.c.status == "ERROR", 1), else_=0)), 0).label("failed"),
-        func.coalesce(sql_sum(r.c.bytes), 0).label("bytes"),
-        func.coalesce(sql_sum(r.c.duration_ns), 0).label("busy_ns"),
-        sql_percentile(r, "duration_ns", 50).label("p50_ns"),
-        sql_percentile(r, "duration_ns", 90).label("p90_ns"),
-        sql_percentile(r, "duration_ns", 99).label("p99_ns"),
-        func.max(r.c.duration_ns).label("max_ns"),
-    )
+    stmt = select(*keys, *transfer_aggregates(r))
     if keys:
         stmt = stmt.group_by(*keys).order_by(*keys)
     return _transfer_derived(fetch_frame(engine, stmt))
@@ -177,7 +197,7 @@ def fmt_width(width_ns: int) -> str:
 
 
 def transfer_buckets(engine: Engine, lo_ns: int, hi_ns: int,
-                     max_buckets: int = MAX_BUCKETS) -> pd.DataFrame:
+                     max_buckets: int = MAX_BUCKETS, engines: Engines = None) -> pd.DataFrame:
     """Transfers in [lo_ns, hi_ns] bucketed by start time (in SQL) per engine and D rank.
 
     Columns: start (bucket start, UTC), width_ns, engine_id, rank, transfers, failed,
@@ -186,7 +206,8 @@ def transfer_buckets(engine: Engine, lo_ns: int, hi_ns: int,
     """
     width = bucket_width_ns(hi_ns - lo_ns, max_buckets)
     bucket = (_S.start_ns - lo_ns) // width
-    base = _transfer_rows(_S.start_ns >= lo_ns, _S.start_ns <= hi_ns, bucket=bucket).subquery()
+    base = _transfer_rows(_S.start_ns >= lo_ns, _S.start_ns <= hi_ns, *for_engines(engines),
+                          bucket=bucket).subquery()
     keys = ("bucket", "engine_id", "rank")
     r = ranked(base, keys, ("duration_ns",))
     stmt = (
@@ -210,7 +231,7 @@ def transfer_buckets(engine: Engine, lo_ns: int, hi_ns: int,
 
 
 def read_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
-               limit: int = READS_MAX_ROWS) -> pd.DataFrame:
+               limit: int = READS_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
     """The newest ``limit`` READ spans of the range, per layer kind: reads, bytes, p50
     latency (µs), median GB/s and NIXL's median transfer time (µs); aggregated in SQL."""
     base = (
@@ -219,7 +240,7 @@ def read_stats(engine: Engine, start_ns: int | None = None, end_ns: int | None =
             (cast(_S.bytes, Float) / func.nullif(_S.duration_ns, 0)).label("gbps"),
             span_attr(A.KV_NIXL_XFER_US, numeric=True).label("xfer_us"),
         )
-        .where(_S.name == A.SPAN_KV_READ, *in_window(start_ns, end_ns))
+        .where(_S.name == A.SPAN_KV_READ, *in_window(start_ns, end_ns), *for_engines(engines))
         .order_by(_S.start_ns.desc())
         .limit(limit)
         .subquery()

@@ -26,6 +26,10 @@ existed gets it the next time any writer opens it (the exporter's ``ensure_schem
 ``CREATE INDEX IF NOT EXISTS`` for every index here; on a 10^6-span file that takes a
 few seconds, once); until then the read-only dashboard works without it, slower, and
 names the missing indexes (:data:`DASHBOARD_INDEXES`).
+
+Tables are additive in the same way: ``processes`` (who wrote the spans: service, role,
+engine id, pid, host) came after version 1 and did not bump it; a reader treats a file
+without it as one whose hosts are unknown.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import functions as sql_functions
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.sql.functions import FunctionElement
@@ -200,6 +205,36 @@ Index("ix_spans_name_connector_start_ns", spans_table.c.name, CONNECTOR_EXPR,
 DASHBOARD_INDEXES: tuple[str, ...] = (
     "ix_spans_transfer_cover", "ix_spans_error_start_ns", "ix_spans_name_connector_start_ns",
 )
+
+# One row per writing process and engine id its spans name; spans carry role, engine id
+# and pid but not the host, so the dashboard finds an engine's host here.  A vLLM worker
+# has two rows: its resource's engine id (``<engine>-rank<r>``) and the engine id its
+# spans carry.  Written with "insert, ignore duplicates" by every writer, so restarts and
+# several processes at once leave one row per identity (the first one seen).
+processes_table = Table(
+    "processes",
+    metadata_obj,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("service", Text, nullable=True),  # resource service.name
+    Column("role", Text, nullable=True),  # as in spans.role
+    Column("engine_id", Text, nullable=True),  # as in spans.engine_id
+    Column("pid", Integer, nullable=True),  # resource process.pid
+    Column("host", Text, nullable=True),  # resource host.name
+    Column("first_seen_ns", BigInteger, nullable=False),  # when a writer first recorded it
+)
+
+
+def _key(col: Column[Any], missing: str) -> Any:
+    # NULLs never collide in a UNIQUE index (SQLite, PostgreSQL < 15): COALESCE makes an
+    # unknown host (or pid, ...) one value, so its row is not inserted again per batch.
+    return sql_functions.coalesce(col, literal_column(missing))
+
+
+Index("ux_processes_identity",
+      *(_key(processes_table.c[c], "''") for c in ("service", "role", "engine_id", "host")),
+      _key(processes_table.c.pid, "-1"), unique=True)
+Index("ix_processes_engine_id", processes_table.c.engine_id)
 
 schema_version_table = Table(
     "schema_version",

@@ -35,6 +35,12 @@ transaction as the next batch of spans (a batch that could not be written keeps 
 drops for the next one) and once more at shutdown; drops of a database that never
 becomes writable reach only the counters.  The table is additive (like an index), so it
 does not bump the schema version: older readers ignore it.
+
+Who wrote the spans goes to table ``processes`` (:mod:`.schema`): one row per (service,
+role, engine id, pid, host), the resource's identity (``set_origin``) and each engine id
+the process's spans name.  Identities not yet written ride along with the next batch's
+transaction (an insert that ignores duplicates, so restarts and concurrent writers are
+harmless); after that a batch costs one set look-up per span.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ from hybrid_pd.telemetry import counters, store
 from hybrid_pd.telemetry.schema import (
     SCHEMA_VERSION,
     metadata_obj,
+    processes_table,
     schema_version_table,
     spans_table,
 )
@@ -149,6 +156,20 @@ def attributes_json(attrs: Mapping[str, Any] | None) -> str:
         return json.dumps(
             {k: _json_safe(v) for k, v in d.items()}, separators=(",", ":"), default=str
         )
+
+
+# (service, role, engine_id, pid, host): one ``processes`` row.
+ProcessKey = tuple[str | None, str | None, str | None, int | None, str | None]
+
+
+def _host(resource: Resource | None) -> str | None:
+    return _as_str(resource.attributes.get(A.RESOURCE_HOST_NAME)) if resource is not None else None
+
+
+def process_keys(spans: Sequence[ReadableSpan], rows: Sequence[Mapping[str, Any]]) -> set[ProcessKey]:
+    """The ``processes`` identities of a batch (``rows`` = ``span_to_row`` of ``spans``)."""
+    return {(r["service"], r["role"], r["engine_id"], r["pid"], _host(s.resource))
+            for s, r in zip(spans, rows, strict=True)}
 
 
 def span_to_row(span: ReadableSpan) -> dict[str, Any]:
@@ -234,6 +255,9 @@ class SQLiteSpanExporter(SpanExporter):
         self._shutdown = False
         self._last_log = -math.inf
         self._origin: dict[str, Any] = {}
+        # processes identities: written (committed) and waiting for the next transaction.
+        self._processes_written: set[ProcessKey] = set()
+        self._processes_pending: set[ProcessKey] = set()
         # Drops not yet in telemetry_drops: (sink, reason) -> [spans, first_ns, last_ns].
         self._unsaved: dict[tuple[str, str], list[int]] = {}
         try:
@@ -308,6 +332,26 @@ class SQLiteSpanExporter(SpanExporter):
             "engine_id": _as_str(res.get(A.RESOURCE_ENGINE_ID)),
             "pid": _as_int(res.get(A.RESOURCE_PID)),
         }
+        o = self._origin
+        self._want_processes({(o["service"], o["role"], o["engine_id"], o["pid"], _host(resource))})
+
+    def _want_processes(self, keys: set[ProcessKey]) -> None:
+        with self._lock:
+            self._processes_pending |= keys - self._processes_written
+
+    def _take_process_rows(self) -> tuple[set[ProcessKey], list[dict[str, Any]]]:
+        with self._lock:
+            keys, self._processes_pending = self._processes_pending, set()
+        now = time.time_ns()
+        return keys, [{"service": k[0], "role": k[1], "engine_id": k[2], "pid": k[3], "host": k[4],
+                       "first_seen_ns": now} for k in sorted(keys, key=str)]
+
+    def _processes_done(self, keys: set[ProcessKey], committed: bool) -> None:
+        with self._lock:
+            if committed:
+                self._processes_written |= keys
+            else:  # written with the next transaction
+                self._processes_pending |= keys - self._processes_written
 
     def note_drop(self, sink: str, reason: str, n: int) -> None:
         """Remember ``n`` spans dropped by ``sink`` now; written with the next batch."""
@@ -338,17 +382,23 @@ class SQLiteSpanExporter(SpanExporter):
                 cur[2] = max(cur[2], r["last_ns"])
 
     def write_drops(self) -> bool:
-        """Write the drops not yet recorded, one attempt (bounded by the busy timeout)."""
+        """Write the drops (and ``processes`` rows) not yet recorded, one attempt (bounded
+        by the busy timeout)."""
         rows = self._take_drop_rows()
-        if not rows:
+        keys, process_rows = self._take_process_rows()
+        if not rows and not keys:
             return True
         try:
             self.ensure_schema()
-            with self.engine.begin() as conn:
-                conn.execute(insert(drops_table), rows)
+            with self.engine.begin() as conn:  # table order: see export()
+                store.insert_ignoring_duplicates(conn, processes_table, process_rows)
+                if rows:
+                    conn.execute(insert(drops_table), rows)
+            self._processes_done(keys, True)
             return True
         except Exception as exc:  # the counters still have them; never raise here
             self._give_back(rows)
+            self._processes_done(keys, False)
             logger.warning("telemetry: could not record %d drop rows: %s", len(rows), store.short(exc))
             return False
 
@@ -365,19 +415,27 @@ class SQLiteSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         try:
             rows = [span_to_row(s) for s in spans]
+            self._want_processes(process_keys(spans, rows))
         except Exception as exc:  # a malformed span must not kill the worker thread
             self._drop(n, "error", f"row conversion failed: {type(exc).__name__}: {exc}")
             return SpanExportResult.FAILURE
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             drop_rows = self._take_drop_rows()
+            keys, process_rows = self._take_process_rows()
             try:
                 self.ensure_schema()
                 with self.engine.begin() as conn:
+                    # Tables in ensure_schema's order (metadata's sorted_tables): its
+                    # CREATE INDEX IF NOT EXISTS takes a share lock on each table in
+                    # turn on PostgreSQL, and writing them in another order deadlocked.
+                    store.insert_ignoring_duplicates(conn, processes_table, process_rows)
                     conn.execute(insert(spans_table), rows)
                     if drop_rows:
                         conn.execute(insert(drops_table), drop_rows)
                 drop_rows = []
+                self._processes_done(keys, True)
+                keys = set()
                 with self._lock:
                     self.exported += n
                 counters.record_exported(SINK, n)
@@ -396,6 +454,7 @@ class SQLiteSpanExporter(SpanExporter):
                 break
             finally:
                 self._give_back(drop_rows)  # empty after a commit
+                self._processes_done(keys, False)
         assert last is not None
         self._drop(n, _reason(last), store.short(last))
         return SpanExportResult.FAILURE

@@ -16,17 +16,24 @@ differs:
   UniqueViolation on ``pg_type`` (measured: 3 of 3 rounds of 6 processes on a fresh
   database).  :func:`lock_schema` makes them queue on a transaction-scoped advisory lock
   instead; SQLite's write lock already serialises them.
+* "Insert, ignore duplicates" (:func:`insert_ignoring_duplicates`, table ``processes``):
+  each dialect's own ``INSERT ... ON CONFLICT DO NOTHING``, which stays correct when
+  several writers insert the same row at once (a read-then-insert would race).
 * Error labels for the drop counters: SQLite's messages, PostgreSQL's SQLSTATE codes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy import Connection, Engine, Table, create_engine, event, func, insert, select
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 
 # pg_advisory_xact_lock key of the schema transaction: "hybrid_p" in ASCII, an arbitrary
 # constant no other application is likely to lock.  Advisory locks are per database.
@@ -111,6 +118,27 @@ def lock_schema(conn: Connection) -> None:
     """
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+
+
+def insert_ignoring_duplicates(conn: Connection, table: Table,
+                               rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ``rows``, skipping those that violate a unique index of ``table``."""
+    if not rows:
+        return
+    name = conn.dialect.name
+    if name == "postgresql":
+        stmt: Any = pg_dialect.insert(table).on_conflict_do_nothing()
+    elif name == "sqlite":
+        stmt = sqlite_dialect.insert(table).on_conflict_do_nothing()
+    else:  # no portable form: one savepoint per row, a duplicate rolls back only itself
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(table), [row])
+            except IntegrityError:
+                pass
+        return
+    conn.execute(stmt, list(rows))
 
 
 def _sqlstate(exc: BaseException) -> str:

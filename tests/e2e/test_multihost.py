@@ -154,14 +154,17 @@ def cluster(tiny_models, pg_cluster, tmp_path_factory) -> Iterator[Cluster]:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _spans(url: str, where: str, **params: object) -> list[dict]:
+def _rows(url: str, sql: str, **params: object) -> list[dict]:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                sa.text(f"SELECT * FROM spans WHERE {where} ORDER BY start_ns"), params)]
+            return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
     finally:
         engine.dispose()
+
+
+def _spans(url: str, where: str, **params: object) -> list[dict]:
+    return _rows(url, f"SELECT * FROM spans WHERE {where} ORDER BY start_ns", **params)
 
 
 def _wait_spans(url: str, where: str, bound: float = 15.0, **params: object) -> list[dict]:
@@ -214,6 +217,11 @@ def test_hosts_serve_like_one_engine_and_share_one_trace(cluster: Cluster) -> No
                     ("decode", A.SPAN_KV_READ), ("proxy", A.SPAN_PROXY_PREFILL)} <= names
             engines = {s["role"]: s["engine_id"] for s in spans if s["role"] != "proxy"}
             assert engines["prefill"] != engines["decode"], engines
+            # the store knows which host each engine ran on (its processes table)
+            hosts = {r["engine_id"]: r["host"] for r in _rows(
+                cluster.db_url, "SELECT engine_id, host FROM processes")}
+            assert hosts.get(engines["prefill"]) == "prefill-host", hosts
+            assert hosts.get(engines["decode"]) == "decode-host", hosts
 
 
 def test_partition_during_read_fails_in_time_and_recovers(cluster: Cluster) -> None:

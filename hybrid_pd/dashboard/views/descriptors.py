@@ -33,9 +33,12 @@ def explain_no_comparison(present: list[str], compared: list[str]) -> None:
     )
 
 
-def comparison(db: str, start: int | None, end: int | None) -> None:
+def comparison(db: str, start: int | None, end: int | None, filtered: bool) -> None:
     """Ours vs upstream per request and READ, when spans of both are in the range."""
     st.subheader("Ours vs upstream")
+    if filtered:
+        st.caption("Over every engine: the host / engine-instance filter applies to the "
+                   "builds above, not to this comparison.")
     present = common.connectors(db, start, end)
     compared = [c for c in present if c in cq.COMPARED_CONNECTORS]
     if len(compared) < 2:
@@ -64,8 +67,9 @@ def comparison(db: str, start: int | None, end: int | None) -> None:
 def body() -> None:
     db = common.require_db()
     start, end = common.sidebar_window(db)
+    engines = common.sidebar_instances(db)
     st.title("Descriptor builds")
-    g = common.desc_build_stats(db, start, end)
+    g = common.desc_build_stats(db, start, end, engines)
     if g.empty:
         st.info("No `desc_build` spans in this time range.")
         return
@@ -75,7 +79,7 @@ def body() -> None:
     c[2].metric("connectors", ", ".join(sorted(g[A.CONNECTOR].dropna().unique())))
     st.plotly_chart(figures.descriptor_bars(g), key="desc_bars")
     st.dataframe(g, hide_index=True, key="desc_table")
-    comparison(db, start, end)
+    comparison(db, start, end, engines is not None)
 
 
 common.run_page(body)

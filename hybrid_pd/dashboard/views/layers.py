@@ -5,13 +5,15 @@ from __future__ import annotations
 import streamlit as st
 
 from hybrid_pd.dashboard import common, figures, transfer_queries
+from hybrid_pd.dashboard import instance_queries as iq
 
 
 def body() -> None:
     db = common.require_db()
     start, end = common.sidebar_window(db)
+    engines = common.sidebar_instances(db)
     st.title("Per-layer transfers")
-    rd = common.reads(db, start, end)
+    rd = common.reads(db, start, end, engines)
     rd = rd[rd["layer"].notna()] if not rd.empty else rd
     if rd.empty:
         st.info("No per-layer READ spans in this range. Run with `--granularity layer` "
@@ -27,10 +29,10 @@ def body() -> None:
     st.subheader("Layer × time")
     st.plotly_chart(figures.layer_heatmap(rd), key="layer_heat")
     st.subheader("Slowest READs")
-    top = rd.nlargest(20, "duration_ns").copy()
+    top = iq.label_engines(rd.nlargest(20, "duration_ns"), common.engine_directory(db))
     top["timeline"] = "/timeline?request=" + top["request_id"].astype(str)
     st.dataframe(
-        top[["request_id", "timeline", "layer", "layer_kind", "rank", "peer_rank", "bytes",
+        top[["request_id", "timeline", "engine", "layer", "layer_kind", "rank", "peer_rank", "bytes",
              "duration_us", "gbps"]],
         hide_index=True, key="outliers",
         column_config={"timeline": st.column_config.LinkColumn("timeline", display_text="open")},

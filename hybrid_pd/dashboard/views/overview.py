@@ -2,7 +2,8 @@
 
 Every number here is aggregated in SQL (``transfer_queries.transfer_stats`` /
 ``transfer_buckets`` / ``read_stats`` / ``failure_counts``): the page fetches a few hundred
-rows however many spans the range holds.
+rows however many spans the range holds.  The sidebar's host / engine-instance filter
+applies to every figure; engines are labelled by role, rank and host.
 """
 
 from __future__ import annotations
@@ -10,18 +11,31 @@ from __future__ import annotations
 import streamlit as st
 
 from hybrid_pd.dashboard import common, figures, transfer_queries
+from hybrid_pd.dashboard import instance_queries as iq
+
+
+def pairs(db: str, start: int | None, end: int | None, engines: common.Engines) -> None:
+    """Transfers, bytes and errors per (P instance, D instance)."""
+    st.subheader("Per P–D instance pair")
+    labelled = iq.label_pairs(common.transfer_pairs(db, start, end, engines),
+                              common.engine_directory(db))
+    st.caption("D instance: the engine of the transfer span; P instance: the engine it read "
+               "from (`kv.peer_engine_id`). Errors: transfers that ended ERROR.")
+    st.plotly_chart(figures.pair_bars(labelled), key="pair_bars")
+    st.dataframe(iq.pair_table(labelled), hide_index=True, key="pairs")
 
 
 def body() -> None:
     db = common.require_db()
     start, end = common.sidebar_window(db)
+    engines = common.sidebar_instances(db)
     st.title("KV transfers")
-    total = common.transfer_stats(db, start, end, ())
+    total = common.transfer_stats(db, start, end, (), engines)
     if total.empty or int(total["transfers"].iloc[0]) == 0:
         st.info("No `kv.transfer` spans in this time range.")
         return
     t = total.iloc[0]
-    fails = common.failure_counts(db, start, end)
+    fails = common.failure_counts(db, start, end, engines)
     total_bytes = float(t["bytes"])
     busy_s = float(t["busy_ns"]) / 1e9
     c = st.columns(7)
@@ -39,7 +53,8 @@ def body() -> None:
         "Dropped spans are counted in `hybrid_pd_telemetry_spans_dropped_total{sink,reason}` "
         "(Prometheus) and table `telemetry_drops`; a banner above says when the range has any."
     )
-    buckets = common.transfer_buckets(db, start, end)
+    directory = common.engine_directory(db)
+    buckets = iq.label_engines(common.transfer_buckets(db, start, end, engines), directory)
     left, right = st.columns(2)
     with left:
         st.subheader("Transfer latency over time")
@@ -48,13 +63,14 @@ def body() -> None:
         st.subheader("Bytes on the wire")
         st.plotly_chart(figures.throughput_bars(buckets), key="throughput")
     st.subheader("Per engine and D rank")
-    per = common.transfer_stats(db, start, end)
+    per = iq.label_engines(common.transfer_stats(db, start, end, engines=engines), directory)
     st.dataframe(
-        per[["engine_id", "rank", "transfers", "p50_ms", "p99_ms", "bytes", "failed", "gbps"]]
-        .rename(columns={"gbps": "GB/s"}),
+        per[["engine", "transfers", "p50_ms", "p99_ms", "bytes", "failed", "gbps", "engine_id",
+             "rank"]].rename(columns={"gbps": "GB/s"}),
         hide_index=True, key="per_rank",
     )
-    rd = common.read_stats(db, start, end)
+    pairs(db, start, end, engines)
+    rd = common.read_stats(db, start, end, engines)
     if not rd.empty:
         st.subheader("READ spans")
         if int(rd["reads"].sum()) >= transfer_queries.READS_MAX_ROWS:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from hybrid_pd.dashboard import common, figures
+from hybrid_pd.dashboard import instance_queries as iq
 from hybrid_pd.telemetry import attributes as A
 
 MODES = ("latest", "slowest", "by id")
 
 
-def pick_request(db: str) -> str | None:
+def pick_request(db: str, engines: common.Engines) -> str | None:
     """The request to show: ``?request=`` (links from other pages), else the picker."""
     wanted = st.query_params.get("request")
     mode = st.radio("Pick a request", MODES, horizontal=True, key="pick_mode",
@@ -18,7 +19,7 @@ def pick_request(db: str) -> str | None:
     if mode == "by id":
         rid = st.text_input("request id", value=wanted or "", key="request_id").strip()
         return rid or None
-    reqs = common.request_list(db, mode)  # type: ignore[arg-type]
+    reqs = common.request_list(db, mode, engines)  # type: ignore[arg-type]
     if reqs.empty:
         return None
     labels = {
@@ -32,12 +33,13 @@ def pick_request(db: str) -> str | None:
 def body() -> None:
     db = common.require_db()
     common.drops_banner(db, None)  # no time range on this page: any drop in the file
+    engines = common.sidebar_instances(db)  # narrows the request list; a request shows whole
     st.title("Request timeline")
-    rid = pick_request(db)
+    rid = pick_request(db, engines)
     if rid is None:
         st.info("No request with a KV transfer in this database yet.")
         return
-    df = common.request_timeline(db, rid)
+    df = iq.label_engines(common.request_timeline(db, rid), common.engine_directory(db))
     if df.empty:
         st.warning(f"No spans for request `{rid}`.")
         return
@@ -60,7 +62,7 @@ def body() -> None:
     plot_df = df if show_hs else df[~hs]
     st.plotly_chart(figures.timeline_figure(plot_df, title=f"request {rid}"), key="timeline")
     with st.expander("Spans (table)"):
-        cols = ["name", "engine_id", "rank", "peer_rank", "layer", "layer_kind", "bytes",
+        cols = ["name", "engine", "peer_rank", "layer", "layer_kind", "bytes",
                 "descriptors", "duration_us", "status", A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US,
                 "start"]
         st.dataframe(df[cols], hide_index=True, key="spans_table")
