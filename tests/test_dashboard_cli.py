@@ -26,6 +26,13 @@ def test_streamlit_command_is_loopback_headless() -> None:
     assert flags["--server.port"] == "12345" and flags["--server.headless"] == "true"
 
 
+def test_streamlit_command_shows_the_viewer_toolbar() -> None:
+    """No "Deploy" (nor rerun / clear cache) button: the toolbar of an app's viewer."""
+    cmd = dcli.streamlit_command(12345)
+    flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    assert flags["--client.toolbarMode"] == "viewer"
+
+
 def test_free_port_is_bindable() -> None:
     port = dcli.free_port()
     with socket.socket() as s:

@@ -215,7 +215,11 @@ def test_database_without_processes_table(hosts_db: Path, tmp_path: Path) -> Non
     assert procs.empty and list(procs.columns) == list(iq.PROCESS_COLUMNS)
     assert iq.hosts(procs) == []
     d = iq.engine_directory(procs, (D, P0))
-    assert d["label"].tolist() == [P0, D]  # hosts unknown: raw ids
+    # hosts and roles unknown: "engine", the UUID cut as for known ones
+    assert d["label"].tolist() == ["engine (11111111)", "engine (33333333)"]
+    # the roles the transfer spans show: D decodes, the P it read from prefills
+    d = iq.engine_directory(procs, (D, P0), iq.span_roles(iq.transfer_pairs(engine)))
+    assert d["label"].tolist() == ["prefill (11111111)", "decode (33333333)"]
     assert len(iq.transfer_pairs(engine)) == 2
     # a writer opening it adds the table (CREATE TABLE IF NOT EXISTS), rows come later
     SQLiteSpanExporter(old).shutdown()
@@ -254,7 +258,7 @@ def test_overview_filtered_by_host_and_engine(monkeypatch: pytest.MonkeyPatch,
     at.multiselect(key="hosts").set_value(["host-a"]).run()
     assert not at.exception
     m = metrics(at)  # host-a runs P0 only: the transfers read from it, r0 and r2
-    assert (m["transfers"], m["failed / stalled / aborted"]) == ("2", "1 / 0 / 0"), m
+    assert (m["transfers"], m["failed"], m["stalled"], m["aborted"]) == ("2", "1", "0", "0"), m
     assert pair_rows(at) == [[LABELS[P0], LABELS[D], 2, 1, "3.00 MiB"]]
     # the engine picker now offers host-a's engines only
     assert set(at.multiselect(key="engines").options) == {
@@ -270,7 +274,7 @@ def test_overview_filtered_by_host_and_engine(monkeypatch: pytest.MonkeyPatch,
     ("failures", [P0], lambda at: metrics(at) == {"failed spans": "2", "stalls": "0",
                                                   "aborts": "0"}),
     ("failures", [P1], lambda at: any("No failed" in s.value for s in at.success)),
-    ("layers", [P1], lambda at: sorted(at.dataframe[0].value["request_id"]) == ["r1", "r3"]
+    ("layers", [P1], lambda at: sorted(at.dataframe[0].value["request"]) == ["r1", "r3"]
      and set(at.dataframe[0].value["engine"]) == {"decode rank 0 @ host-b (33333333)"}),
     ("descriptors", [P0], lambda at: metrics(at)["builds"] == "2"),
     ("descriptors", [D], lambda at: metrics(at)["builds"] == "5"),
@@ -301,4 +305,6 @@ def test_pages_without_processes_table(monkeypatch: pytest.MonkeyPatch, hosts_db
         assert any("Hosts unknown" in c.value for c in at.sidebar.caption), page
         assert not [w for w in at.multiselect if w.key == "hosts"], page
     at = open_page(monkeypatch, old, "overview")
-    assert pair_rows(at) == [[P0, D, 2, 1, "3.00 MiB"], [P1, D, 2, 0, "4.00 MiB"]]
+    # no processes: roles from the transfer spans, ids cut (they were raw UUIDs before)
+    assert pair_rows(at) == [["prefill (11111111)", "decode (33333333)", 2, 1, "3.00 MiB"],
+                             ["prefill (22222222)", "decode (33333333)", 2, 0, "4.00 MiB"]]

@@ -13,6 +13,14 @@ from pathlib import Path
 
 import streamlit as st
 
+from hybrid_pd.dashboard.cli import TOOLBAR_MODE
+
+# `hybrid-pd dashboard` passes --client.toolbarMode; a bare `streamlit run app.py` gets it
+# here, from the process's second script run on (the toolbar is sent as a run starts).
+# Only over the default "auto": a mode chosen on the command line is kept.
+if st.get_option("client.toolbarMode") == "auto":
+    st.set_option("client.toolbarMode", TOOLBAR_MODE)
+
 # Not "pages/": Streamlit would also treat that directory as legacy (v1) multipage
 # navigation and list the raw file names in the sidebar.
 PAGES_DIR = Path(__file__).resolve().parent / "views"  # absolute: st.Page joins relative ones

@@ -20,6 +20,7 @@ from hybrid_pd.settings import ENV_TELEMETRY_DB
 
 APP = Path(__file__).with_name("app.py")
 HOST = "127.0.0.1"  # loopback only: spans name engines and hosts, not for the open network
+TOOLBAR_MODE = "viewer"  # app.py sets it too, for `streamlit run app.py` started by hand
 
 
 def free_port(host: str = HOST) -> int:
@@ -38,6 +39,8 @@ def streamlit_command(port: int) -> list[str]:
         "--browser.gatherUsageStats", "false",
         # No file watcher: nothing to reload in production, and it costs a thread per file.
         "--server.fileWatcherType", "none",
+        # The viewer's toolbar: no "Deploy", rerun or clear-cache buttons for a reader.
+        "--client.toolbarMode", TOOLBAR_MODE,
     ]
 
 

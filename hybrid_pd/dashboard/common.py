@@ -37,6 +37,8 @@ RANGES: dict[str, int | None] = {
     "last 1 h": 3600 * 10**9,
     "last 24 h": 24 * 3600 * 10**9,
 }
+# The "timeline" column of a table ("/timeline?request=ID") as a link to that request.
+TIMELINE_LINK = {"timeline": st.column_config.LinkColumn("timeline", display_text="open")}
 
 
 @st.cache_resource(show_spinner=False)
@@ -176,7 +178,8 @@ def engine_directory(db: str) -> pd.DataFrame:
     spans (as D, or as the P read from), whatever the time range."""
     pairs = transfer_pairs(db, None, None)
     seen = tuple(str(e) for e in pd.concat([pairs["d_engine_id"], pairs["p_engine_id"]]).dropna())
-    return instance_queries.engine_directory(processes(db), seen)
+    return instance_queries.engine_directory(processes(db), seen,
+                                             instance_queries.span_roles(pairs))
 
 
 def sidebar_instances(db: str) -> Engines:
@@ -268,8 +271,11 @@ def run_page(body: Callable[[], None]) -> None:
     st.fragment(run_every=timedelta(seconds=int(every)))(body)()
 
 
-def fmt_bytes(n: float) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:,.2f} {unit}"
-    return f"{n:,.0f} B"
+Metric = tuple[str, str] | tuple[str, str, str]  # label, value[, help]
+
+
+def metric_row(items: list[Metric]) -> None:
+    """One ``st.metric`` per column.  Keep rows short: a value wider than its column is
+    cut with "…" (seven in a row cut "25.15 ms" at 1280 px)."""
+    for col, (label, value, *help_) in zip(st.columns(len(items)), items, strict=True):
+        col.metric(label, value, help=help_[0] if help_ else None)

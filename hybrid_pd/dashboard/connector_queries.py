@@ -250,9 +250,9 @@ def comparison_per_request(cmp: pd.DataFrame) -> pd.DataFrame:
 MEDIAN_COLUMNS: dict[str, str] = {
     "reads": "READs / request",
     "descriptors_per_read": "descriptors / READ",
-    "bytes_per_read": "bytes / READ (B)",
+    "bytes_per_read": "bytes / READ",
     "descriptors": "descriptors / request",
-    "bytes": "bytes / request (B)",
+    "bytes": "bytes / request",
     "mapping_descriptors": "mapped descriptor ids / request",
 }
 

@@ -11,6 +11,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from hybrid_pd.dashboard.connector_queries import BENCH, OURS, UPSTREAM
+from hybrid_pd.dashboard.display import fmt_bin_bytes
+from hybrid_pd.dashboard.instance_queries import engine_label
 from hybrid_pd.dashboard.transfer_queries import fmt_width
 from hybrid_pd.telemetry import attributes as A
 
@@ -45,6 +47,7 @@ _NAME_CATEGORY: dict[str, str] = {
     A.SPAN_KV_STALL: "failure",
     A.SPAN_KV_ABORT: "failure",
 }
+MIB, GIB = 1 << 20, 1 << 30
 TIME_AXIS_TITLE = "time since the request's first span (ms)"
 READ_ROW_PREFIX = "READ "
 
@@ -123,7 +126,7 @@ def timeline_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
     and gives no "ms since start" axis.  Same picture, exact units.
     """
     rows = timeline_rows(df)
-    rows["hover_bytes"] = [_fmt(_int(b), " B") for b in rows["bytes"]]
+    rows["hover_bytes"] = [fmt_bin_bytes(b) if _int(b) is not None else "–" for b in rows["bytes"]]
     rows["hover_desc"] = [_fmt(_int(d)) for d in rows["descriptors"]]
     rows["hover_post"] = [_fmt(v, " µs") for v in rows.get(A.KV_NIXL_POST_US, [None] * len(rows))]
     rows["hover_xfer"] = [_fmt(v, " µs") for v in rows.get(A.KV_NIXL_XFER_US, [None] * len(rows))]
@@ -173,10 +176,10 @@ def _width_text(buckets: pd.DataFrame) -> str:
 
 def _where(df: pd.DataFrame) -> list[str]:
     """Legend entries: the ``engine`` label (``instance_queries.label_engines``) if the
-    page added one, else the raw engine id and rank."""
+    page added one, else the engine id (a UUID cut short) and rank."""
     if "engine" in df:
         return list(df["engine"])
-    return [f"{e} rank {_int(r)}" for e, r in zip(df["engine_id"], df["rank"], strict=True)]
+    return [engine_label(e, rank=_int(r)) for e, r in zip(df["engine_id"], df["rank"], strict=True)]
 
 
 LATENCY_AXIS_TITLE = "transfer latency (ms)"
@@ -211,9 +214,9 @@ def latency_over_time(buckets: pd.DataFrame) -> go.Figure:
 def throughput_bars(buckets: pd.DataFrame) -> go.Figure:
     """Bytes moved per time bucket (by transfer start), stacked per engine / D rank."""
     width = _width_text(buckets)
-    df = buckets.assign(where=_where(buckets), mb=buckets["bytes"].astype(float) / 1e6)
-    fig = px.bar(df, x="start", y="mb", color="where",
-                 labels={"start": "time (UTC)", "mb": f"MB transferred per {width}",
+    df = buckets.assign(where=_where(buckets), mib=buckets["bytes"].astype(float) / MIB)
+    fig = px.bar(df, x="start", y="mib", color="where",
+                 labels={"start": "time (UTC)", "mib": f"MiB transferred per {width}",
                          "where": "engine / D rank"})
     fig.update_layout(height=420, margin={"l": 10, "r": 10, "t": 30, "b": 40},
                       legend={"title_text": "", "orientation": "h", "yanchor": "bottom",
@@ -226,15 +229,17 @@ def layer_box(rd: pd.DataFrame) -> go.Figure:
                  color_discrete_map=COLOURS, points="outliers",
                  hover_data=["request_id", "rank", "peer_rank"],
                  labels={"layer": "layer index", "duration_us": "READ latency (µs)",
-                         "layer_kind": "layer kind"})
+                         "layer_kind": "layer kind", "request_id": "request",
+                         "rank": "D rank", "peer_rank": "P rank"})
     fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 40})
     return fig
 
 
 def layer_bandwidth(rd: pd.DataFrame) -> go.Figure:
     g = rd.groupby(["layer", "layer_kind"], as_index=False)["gbps"].median()
-    fig = px.bar(g, x="layer", y="gbps", color="layer_kind", color_discrete_map=COLOURS,
-                 labels={"layer": "layer index", "gbps": "median READ bandwidth (GB/s)",
+    g["gibps"] = g["gbps"] * 1e9 / GIB  # gbps is bytes/ns (decimal GB/s)
+    fig = px.bar(g, x="layer", y="gibps", color="layer_kind", color_discrete_map=COLOURS,
+                 labels={"layer": "layer index", "gibps": "median READ bandwidth (GiB/s)",
                          "layer_kind": "layer kind"})
     fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 40})
     return fig

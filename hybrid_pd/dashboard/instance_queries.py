@@ -2,11 +2,14 @@
 
 The ``processes`` table (``telemetry/schema.py``) maps an engine id to its role and host;
 spans carry the engine id but not the host.  A database made before the table existed
-has none: every host is then unknown and engines keep their raw ids.
+has none: every host is then unknown.
 
 Labels read "decode rank 0 @ host-b (4322d720)": role, D rank where the row has one,
-host, and the engine id (a UUID cut to its first 8 hex digits).  An engine whose role
-is unknown keeps its full id ("decode-h rank 0"), the label the pages showed before.
+host, and the engine id (a UUID cut to its first 8 hex digits).  An engine missing from
+``processes`` is named by the role its transfer spans show (D of a transfer: decode; the
+P it read from: prefill), or "engine" ("engine rank 0 (4322d720)"): never by the raw
+UUID.  An id that is no UUID is never cut; without a role from ``processes`` it is
+the label itself ("decode-h rank 0").
 
 The pair table: one row per (P instance, D instance), from D's transfer spans: D is the
 span's ``engine_id``, P its ``kv.peer_engine_id`` (the P engine D read from).
@@ -15,11 +18,13 @@ span's ``engine_id``, P its ``kv.peer_engine_id`` (the P engine D read from).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import Engine, inspect, select
 
+from hybrid_pd.dashboard.display import fmt_bin_bytes
 from hybrid_pd.dashboard.queries import (
     Engines,
     fetch_frame,
@@ -65,7 +70,11 @@ def engine_label(engine_id: str | None, role: str | None = None, host: str | Non
         return "unknown engine"
     where = "" if rank is None else f" rank {rank}"
     where += "" if not host else f" @ {host}"
-    return f"{role}{where} ({short_id(engine_id)})" if role else f"{engine_id}{where}"
+    short = short_id(engine_id)
+    if role:
+        return f"{role}{where} ({short})"
+    # A UUID tells a person nothing and fills a legend: cut it like the known ones.
+    return f"engine{where} ({short})" if short != engine_id else f"{engine_id}{where}"
 
 
 def _first(values: pd.Series) -> str | None:
@@ -73,21 +82,25 @@ def _first(values: pd.Series) -> str | None:
     return vals[0] if vals else None
 
 
-def engine_directory(procs: pd.DataFrame, extra_ids: tuple[str, ...] = ()) -> pd.DataFrame:
+def engine_directory(procs: pd.DataFrame, extra_ids: tuple[str, ...] = (),
+                     roles: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per engine id: role, host (several joined by ", "), label.
 
     ``procs`` is :func:`processes`; ``extra_ids`` are engine ids seen in spans only
-    (an older database, a P known only as a peer): role and host unknown.
+    (an older database, a P known only as a peer): host unknown.  ``roles`` (engine id
+    -> role seen in the spans, :func:`span_roles`) names a UUID that ``procs`` does not.
     """
+    # Only for UUIDs: a readable id ("decode-h") already says what it is.
+    seen = {e: r for e, r in (roles or {}).items() if short_id(e) != e}
     rows: dict[str, dict[str, Any]] = {}
     known = procs.dropna(subset=["engine_id"])
     for eid, g in known.groupby("engine_id", sort=True):
         hosts = sorted(str(h) for h in g["host"].dropna().unique())
-        rows[str(eid)] = {"engine_id": str(eid), "role": _first(g["role"]),
+        rows[str(eid)] = {"engine_id": str(eid), "role": _first(g["role"]) or seen.get(str(eid)),
                           "host": ", ".join(hosts) or None}
     for eid in extra_ids:
         if eid is not None and eid not in rows:
-            rows[eid] = {"engine_id": eid, "role": None, "host": None}
+            rows[eid] = {"engine_id": eid, "role": seen.get(eid), "host": None}
     out = pd.DataFrame(list(rows.values()), columns=["engine_id", "role", "host"])
     out = out.sort_values("engine_id", ignore_index=True)
     out["label"] = [engine_label(e, _text(r), _text(h)) for e, r, h in
@@ -95,6 +108,14 @@ def engine_directory(procs: pd.DataFrame, extra_ids: tuple[str, ...] = ()) -> pd
     dup = out["label"].duplicated(keep=False)  # two UUIDs sharing 8 hex digits
     out.loc[dup, "label"] = out.loc[dup, "label"] + " " + out.loc[dup, "engine_id"]
     return out
+
+
+def span_roles(pairs: pd.DataFrame) -> dict[str, str]:
+    """Engine id -> role from :func:`transfer_pairs`: the span's engine (D) decodes, the
+    engine it read from (P) prefills; decode wins for an engine seen as both."""
+    roles = {str(p): "prefill" for p in pairs["p_engine_id"].dropna()}
+    roles.update({str(d): "decode" for d in pairs["d_engine_id"].dropna()})
+    return roles
 
 
 def hosts(procs: pd.DataFrame) -> list[str]:
@@ -142,14 +163,6 @@ def transfer_pairs(engine: Engine, start_ns: int | None = None, end_ns: int | No
         .order_by(*[k.asc().nulls_last() for k in keys])
     )
     return fetch_frame(engine, stmt)
-
-
-def fmt_bin_bytes(n: float) -> str:
-    """``1.50 MiB``: powers of 1024, as memory (KV blocks) is sized."""
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= div:
-            return f"{n / div:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def label_pairs(pairs: pd.DataFrame, directory: pd.DataFrame) -> pd.DataFrame:

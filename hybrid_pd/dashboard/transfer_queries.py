@@ -63,7 +63,8 @@ def transfers(engine: Engine, start_ns: int | None = None, end_ns: int | None = 
 
 def reads(engine: Engine, start_ns: int | None = None, end_ns: int | None = None,
           limit: int = READS_MAX_ROWS, engines: Engines = None) -> pd.DataFrame:
-    """READ spans (per layer with ``--granularity layer``) with NIXL's own timings."""
+    """READ spans (per layer with serve's ``--kv-read-granularity layer`` or bench's
+    ``--granularity layer``) with NIXL's own timings."""
     return spans_by_name(engine, (A.SPAN_KV_READ,), start_ns, end_ns, limit,
                          (A.KV_STATUS, A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US), engines)
 

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, figures
+from hybrid_pd.dashboard import common, display, figures
 from hybrid_pd.dashboard import connector_queries as cq
+from hybrid_pd.dashboard.display import Col
 from hybrid_pd.telemetry import attributes as A
 
 OTHER_CONNECTOR = {cq.OURS: cq.UPSTREAM, cq.UPSTREAM: cq.OURS}
+CONNECTORS_CAPTION = "Connectors in this range: "
+# ``connector_queries.desc_build_stats`` for people.
+BUILD_COLUMNS: dict[str, Col] = {
+    A.KV_DESC_SCOPE: Col("scope"),
+    A.CONNECTOR: Col("connector"),
+    "builds": Col("builds", "count"),
+    "descriptors": Col("descriptors", "count"),
+    "bytes": Col("bytes", "bytes"),
+    "p50_us": Col("p50 (ms)", "ms", 1e-3),
+    "max_us": Col("max (ms)", "ms", 1e-3),
+}
+# ``connector_queries.comparison_medians``: medians can be halves, hence "num" for counts.
+MEDIAN_COLUMNS: dict[str, Col] = {
+    "connector": Col("connector"),
+    "requests": Col("requests", "count"),
+    **{h: Col(h, "bytes" if "bytes" in h else "num") for h in cq.MEDIAN_COLUMNS.values()},
+}
 
 
 def explain_no_comparison(present: list[str], compared: list[str]) -> None:
@@ -60,8 +78,8 @@ def comparison(db: str, start: int | None, end: int | None, filtered: bool) -> N
     )
     st.plotly_chart(figures.connector_comparison(cq.comparison_per_kind(cmp)),
                     key="connector_comparison")
-    st.dataframe(cq.comparison_medians(per_request), hide_index=True,
-                 key="connector_medians")
+    st.dataframe(display.table(cq.comparison_medians(per_request), MEDIAN_COLUMNS),
+                 hide_index=True, key="connector_medians")
 
 
 def body() -> None:
@@ -73,12 +91,14 @@ def body() -> None:
     if g.empty:
         st.info("No `desc_build` spans in this time range.")
         return
-    c = st.columns(3)
-    c[0].metric("builds", f"{int(g['builds'].sum()):,}")
-    c[1].metric("descriptors", f"{int(g['descriptors'].sum()):,}")
-    c[2].metric("connectors", ", ".join(sorted(g[A.CONNECTOR].dropna().unique())))
+    names = sorted(g[A.CONNECTOR].dropna().unique())
+    # The names go in a caption: three of them as a metric value were cut at 1280 px.
+    common.metric_row([("builds", display.fmt_count(g["builds"].sum())),
+                       ("descriptors", display.fmt_count(g["descriptors"].sum())),
+                       ("connectors", display.fmt_count(len(names)))])
+    st.caption(CONNECTORS_CAPTION + ", ".join(f"`{n}`" for n in names))
     st.plotly_chart(figures.descriptor_bars(g), key="desc_bars")
-    st.dataframe(g, hide_index=True, key="desc_table")
+    st.dataframe(display.table(g, BUILD_COLUMNS), hide_index=True, key="desc_table")
     comparison(db, start, end, engines is not None)
 
 

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_pd.dashboard import common, figures
+from hybrid_pd.dashboard import common, display, figures
 from hybrid_pd.dashboard import instance_queries as iq
+from hybrid_pd.dashboard.display import Col
 from hybrid_pd.telemetry import attributes as A
 
 MODES = ("latest", "slowest", "by id")
+SPAN_COLUMNS: dict[str, Col] = {
+    "name": Col("span"),
+    "engine": Col("engine"),
+    "peer_rank": Col("P rank", "count"),
+    "layer": Col("layer", "count"),
+    "layer_kind": Col("layer kind"),
+    "bytes": Col("bytes", "bytes"),
+    "descriptors": Col("descriptors", "count"),
+    "duration_us": Col("duration (ms)", "ms", 1e-3),
+    "status": Col("status"),
+    A.KV_NIXL_POST_US: Col("NIXL post (ms)", "ms", 1e-3),
+    A.KV_NIXL_XFER_US: Col("NIXL transfer (ms)", "ms", 1e-3),
+    "start": Col("start (UTC)", "time"),
+}
 
 
 def pick_request(db: str, engines: common.Engines) -> str | None:
@@ -23,7 +38,8 @@ def pick_request(db: str, engines: common.Engines) -> str | None:
     if reqs.empty:
         return None
     labels = {
-        r.request_id: f"{r.request_id}  ·  {r.duration_ms:,.2f} ms  ·  {common.fmt_bytes(r.bytes or 0)}"
+        r.request_id: f"{r.request_id}  ·  {display.fmt_duration_ms(r.duration_ms)}  ·  "
+        f"{display.fmt_bin_bytes(r.bytes or 0)}"
         + ("  ·  FAILED" if r.errors else "")
         for r in reqs.itertuples()
     }
@@ -46,12 +62,14 @@ def body() -> None:
     st.query_params["request"] = rid  # shareable URL for this view
     rd = df[df["name"] == A.SPAN_KV_READ]
     tr = df[df["name"] == A.SPAN_KV_TRANSFER]
-    c = st.columns([1, 1, 1.4, 1.4, 1])
-    c[0].metric("spans", len(df))
-    c[1].metric("layer READs", len(rd))
-    c[2].metric("bytes read", common.fmt_bytes(float(rd["bytes"].fillna(0).sum())))
-    c[3].metric("slowest transfer", f"{tr['duration_ms'].max():,.2f} ms" if not tr.empty else "–")
-    c[4].metric("errors", int((df["status"] == "ERROR").sum()))
+    common.metric_row([
+        ("spans", display.fmt_count(len(df))),
+        ("layer READs", display.fmt_count(len(rd))),
+        ("bytes read", display.fmt_bin_bytes(float(rd["bytes"].fillna(0).sum()))),
+        ("slowest transfer", display.fmt_duration_ms(tr["duration_ms"].max() if not tr.empty
+                                                     else None)),
+        ("errors", display.fmt_count((df["status"] == "ERROR").sum())),
+    ])
     # Handshakes are per P-D pair and usually finished long before this request; drawn
     # by default they squeeze the request into a sliver, so they start hidden then.
     hs = df["name"] == A.SPAN_KV_HANDSHAKE
@@ -62,10 +80,8 @@ def body() -> None:
     plot_df = df if show_hs else df[~hs]
     st.plotly_chart(figures.timeline_figure(plot_df, title=f"request {rid}"), key="timeline")
     with st.expander("Spans (table)"):
-        cols = ["name", "engine", "peer_rank", "layer", "layer_kind", "bytes",
-                "descriptors", "duration_us", "status", A.KV_NIXL_POST_US, A.KV_NIXL_XFER_US,
-                "start"]
-        st.dataframe(df[cols], hide_index=True, key="spans_table")
+        spans = df.assign(name=df["name"].map(display.span_name))
+        st.dataframe(display.table(spans, SPAN_COLUMNS), hide_index=True, key="spans_table")
 
 
 common.run_page(body)
