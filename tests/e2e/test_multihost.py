@@ -35,6 +35,7 @@ from pg_cluster import SUPERUSER
 
 from hybrid_pd.metrics import KV_CACHE_USAGE, scrape_gauges
 from hybrid_pd.serve.proxy_requests import decode_request, prefill_request
+from hybrid_pd.serve.supervisor import warm_up_pair
 from hybrid_pd.telemetry import attributes as A
 
 pytestmark = pytest.mark.e2e
@@ -141,6 +142,11 @@ def cluster(tiny_models, pg_cluster, tmp_path_factory) -> Iterator[Cluster]:
             with httpx.Client() as c:
                 _wait_healthy(c, {"prefill": cl.prefill, "decode": cl.decode,
                                   "proxy": cl.proxy}, procs, run_dir)
+            # as serve does for a one-box pair: the first request through a new P-D pair
+            # runs D's handshake and UCX's first TCP connect (measured once in a full
+            # suite: that first READ took 8.1 s, past this test's 8 s read timeout)
+            tries = warm_up_pair(cl.proxy, "tiny", run_dir / "decode" / "decode.log")
+            print(f"\nwarm-up answered at try {tries}")
             yield cl
         finally:
             for proc in procs.values():
