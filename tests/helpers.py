@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_pd.metrics import scrape_gauges
+
 
 def _below_ephemeral() -> tuple[int, int]:
     try:
@@ -178,3 +180,15 @@ class Rotel:
             if span_ids <= set(got) or time.monotonic() > deadline:
                 return {k: v for k, v in got.items() if k in span_ids}
             time.sleep(0.1)
+
+
+def wait_idle(c: Any, engines: dict[str, str], bound: float) -> float:
+    """Seconds until every engine reports 0 KV usage, 0 running and 0 waiting; fails
+    after ``bound`` seconds, naming the gauges."""
+    t0 = time.monotonic()
+    while True:
+        gauges = {name: scrape_gauges(c, url) for name, url in engines.items()}
+        if all(v == 0 for g in gauges.values() for v in g.values()):
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < bound, f"not idle after {bound:.0f} s (blocks held?): {gauges}"
+        time.sleep(1.0)

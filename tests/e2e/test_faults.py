@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_idle
 
 from e2e import span_checks
 from hybrid_pd.metrics import scrape_gauges, scrape_nixl_metrics
@@ -185,17 +185,6 @@ def assert_serves(c: httpx.Client, base: str, what: str, salt: int = 5) -> list[
     return r.json()["choices"][0]["token_ids"]
 
 
-def wait_idle(c: httpx.Client, engines: dict[str, str], bound: float = IDLE_BOUND_S) -> float:
-    """Seconds until every engine reports 0 KV usage, 0 running and 0 waiting."""
-    t0 = time.monotonic()
-    while True:
-        gauges = {name: scrape_gauges(c, url) for name, url in engines.items()}
-        if all(v == 0 for g in gauges.values() for v in g.values()):
-            return time.monotonic() - t0
-        assert time.monotonic() - t0 < bound, f"not idle after {bound:.0f} s (blocks held?): {gauges}"
-        time.sleep(1.0)
-
-
 def request_lines(log: str, request_id: str) -> str:
     """D's log lines that name ``request_id`` (vLLM's id is ``cmpl-<X-Request-Id>-0-...``)."""
     return "\n".join(line[:600] for line in log.splitlines() if request_id in line)
@@ -261,8 +250,8 @@ def test_refused_handshake_fails_request_and_frees_blocks(tiny_models, tmp_path,
         print("\n".join(line[:400] for line in d_log.splitlines()
                         if re.search(expected, line) or "handshake_failed" in line))
         assert_serves(c, pair.decode, "D")
-        d_idle = wait_idle(c, {"decode": pair.decode})
-        p_idle = wait_idle(c, {"prefill": pair.prefill})
+        d_idle = wait_idle(c, {"decode": pair.decode}, IDLE_BOUND_S)
+        p_idle = wait_idle(c, {"prefill": pair.prefill}, IDLE_BOUND_S)
         expired = scrape_nixl_metrics(c, pair.prefill).kv_expired - p_before.kv_expired
         print(f"[{case}] D idle after {d_idle:.1f} s, P idle {p_idle:.1f} s later "
               f"(lease {LEASE_S} s), P expired leases +{expired:.0f}")
@@ -346,7 +335,7 @@ def test_stalled_read_fails_within_read_timeout(tcp_pair):
         assert span_checks.wait_failed_spans(pair.db, A.SPAN_KV_TRANSFER, rid)
         # P and D serve P/D again, with D's own tokens for the same (sub-block) prompt
         assert assert_serves(c, pair.proxy, "P/D", salt=6) == assert_serves(c, pair.decode, "D", salt=6)
-        idle = wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode})
+        idle = wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode}, IDLE_BOUND_S)
         p_delta = scrape_nixl_metrics(c, pair.prefill) - p_before
         # Once P is idle it freed the aborted request's blocks, by lease expiry or because
         # the READ D released still completed after SIGCONT and its notification came.
@@ -429,7 +418,7 @@ def test_late_read_cannot_corrupt_the_next_request(tcp_pair):
         assert re.search(rf"req cmpl-{rid}\S*: READ completed late", d_log) or \
             re.search(rf"req cmpl-{rid}\S*: peer disconnected", d_log), request_lines(d_log, rid)
         assert not started, "B ran in blocks A's READ could still write"
-        wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode})
+        wait_idle(c, {"prefill": pair.prefill, "decode": pair.decode}, IDLE_BOUND_S)
 
 
 def test_prefill_killed_during_and_before_read(tcp_pair):
@@ -492,4 +481,4 @@ def test_prefill_killed_during_and_before_read(tcp_pair):
         for rid in (inflight, early):  # failure spans for both requests
             assert span_checks.wait_failed_spans(pair.db, A.SPAN_KV_TRANSFER, rid), rid
         assert_serves(c, pair.decode, "D (P dead)")
-        wait_idle(c, {"decode": pair.decode})
+        wait_idle(c, {"decode": pair.decode}, IDLE_BOUND_S)

@@ -29,7 +29,7 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
-from helpers import free_port
+from helpers import free_port, wait_idle
 from netns import Host, Hosts, unavailable
 from pg_cluster import SUPERUSER
 
@@ -182,16 +182,6 @@ def _wait_spans(url: str, where: str, bound: float = 15.0, **params: object) -> 
         time.sleep(0.5)
 
 
-def wait_idle(c: httpx.Client, engines: dict[str, str], bound: float = IDLE_BOUND_S) -> float:
-    t0 = time.monotonic()
-    while True:
-        gauges = {name: scrape_gauges(c, url) for name, url in engines.items()}
-        if all(v == 0 for g in gauges.values() for v in g.values()):
-            return time.monotonic() - t0
-        assert time.monotonic() - t0 < bound, f"not idle after {bound:.0f} s: {gauges}"
-        time.sleep(1.0)
-
-
 def test_hosts_serve_like_one_engine_and_share_one_trace(cluster: Cluster) -> None:
     """Requests through the router equal P's own output (a single engine), and each
     request's spans from the router, P's host and D's host form one trace in the
@@ -274,7 +264,7 @@ def test_partition_during_read_fails_in_time_and_recovers(cluster: Cluster) -> N
             assert held[KV_CACHE_USAGE] > 0, held
         finally:
             hosts.link(up=True)
-        idle = wait_idle(c, {"prefill": cluster.prefill, "decode": cluster.decode})
+        idle = wait_idle(c, {"prefill": cluster.prefill, "decode": cluster.decode}, IDLE_BOUND_S)
         print(f"both engines idle {idle:.1f} s after the link came back")
         p = prompt(257, salt=6)
         t1 = time.monotonic()
