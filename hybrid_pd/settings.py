@@ -25,6 +25,8 @@ KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
 KEY_HANDSHAKE_TIMEOUT = "hybrid_handshake_timeout_s"
 
 DEFAULT_READ_GRANULARITY = "request"
+# KV integrity digests (hybrid_pd.transfer.integrity): off | every | sampled:K.
+DEFAULT_KV_INTEGRITY = "off"
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
 DEFAULT_LEASE_S = 120  # upstream's 30 s freed blocks before a loaded D read them
@@ -36,6 +38,11 @@ FEW_CORES = 8
 
 # -- the trace hand-off inside kv_transfer_params / connector metadata ---------------------
 TRACE_PARAMS_KEY = "hybrid_pd_trace"
+# P's prefill instants in its answer's kv_transfer_params (read by the proxy, see
+# connector.handover), and the route of D's API server that serves D's instants.
+HANDOVER_PARAMS_KEY = "hybrid_pd_handover"
+HANDOVER_ROUTE = "/hybrid_pd/handover"
+HANDOVER_MIDDLEWARE = "hybrid_pd.connector.handover_route.HandoverRoute"  # vllm serve --middleware
 
 # -- environment variables ------------------------------------------------------------------
 ENV_TELEMETRY_DB = "HYBRID_PD_TELEMETRY_DB"  # span database URL/path for engines + dashboard

@@ -130,6 +130,9 @@ class FakeUpstreamWorker:
         return {self._recving_metadata[r].remote.engine_id for r in self._recving_transfers
                 if r in self._recving_metadata}
 
+    def get_kv_connector_stats(self) -> Any:
+        return self.xfer_stats
+
     # descriptor builds and handshakes (the tracing layer times them)
     def _build_fa_local(self, base_addresses: list[int], block_size_ratio: int) -> Any:
         return [(a, 64, 0) for a in base_addresses]
@@ -322,6 +325,10 @@ class FakeScheduler:
 
     def update_connector_output(self, connector_output: Any) -> None:
         self.outputs = [*getattr(self, "outputs", []), connector_output]
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        self.allocated = [*getattr(self, "allocated", []), request.request_id]
 
     def has_pending_push_work(self) -> bool:
         return False

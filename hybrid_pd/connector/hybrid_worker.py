@@ -43,9 +43,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
 
 from hybrid_pd.connector import contract
 from hybrid_pd.connector import vllm_mapping as vm
+from hybrid_pd.connector.handover import record
 from hybrid_pd.connector.sides import LocalSide, Side, derive_local, derive_remote
+from hybrid_pd.connector.stats import MOVED_KEY, HybridKVConnectorStats
 from hybrid_pd.planner.pair import PairPlan
 from hybrid_pd.planner.plan import RequestPlan, render_plan
+from hybrid_pd.planner.render import rank_costs
 from hybrid_pd.settings import DEFAULT_READ_GRANULARITY, KEY_READ_GRANULARITY
 from hybrid_pd.transfer.reads import (
     PostError,
@@ -92,6 +95,8 @@ class HybridWorkerCore(NixlPullConnectorWorker):
         super().__init__(vllm_config, engine_id, kv_cache_config)
         # Every upstream attribute we read, checked before the first read of one.
         contract.require(worker=self, classes=False)
+        # Upstream's stats with our rows: they reach the API server's /metrics (.stats).
+        self.xfer_stats = HybridKVConnectorStats()
         self._hy_local: LocalSide | None = None
         self._hy_peers: dict[str, _Peer] = {}
         self._hy_reqs: dict[str, _RequestRead] = {}
@@ -272,6 +277,9 @@ class HybridWorkerCore(NixlPullConnectorWorker):
             req.plan = pair.plan(req.decode_ids,
                                  vm.reorder(aligned.prefill_block_ids, self._hy_local.perm),
                                  aligned.num_tokens, merge=False)
+            optimal = rank_costs(pair.spec, pair.decode, pair.prefill, pair.decode_rank,
+                                 aligned.num_tokens).bytes_optimal
+            record(self.xfer_stats, MOVED_KEY, [req.plan.bytes, optimal])
         return req.plan
 
     # upstream: NixlPullConnectorWorker._read_blocks

@@ -24,7 +24,7 @@ refused with what differs, before anything runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
@@ -36,11 +36,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 )
 
 from hybrid_pd.connector import contract
+from hybrid_pd.connector.handover import D_SCHED_KEY, HandoverSchedulerMixin
 from hybrid_pd.connector.hybrid_worker import HybridWorkerCore
 from hybrid_pd.connector.listener import ListenerSchedulerMixin
 from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
 from hybrid_pd.connector.read_path import ReadPathWorkerMixin
 from hybrid_pd.connector.reports import NotifySchedulerMixin, WorkerReport
+from hybrid_pd.connector.stats import P_SCHED_KEY, HybridKVConnectorStats, HybridPromMetrics
 from hybrid_pd.connector.vllm_tracing import TracedSchedulerMixin, TracedWorkerMixin
 
 if TYPE_CHECKING:
@@ -54,12 +56,13 @@ class HybridNixlWorker(TracedWorkerMixin, ReadPathWorkerMixin, HybridWorkerCore)
     HY_CONNECTOR = "hybrid"
 
 
-class HybridNixlScheduler(TracedSchedulerMixin, QuarantineSchedulerMixin, NotifySchedulerMixin,
-                          ListenerSchedulerMixin, NixlPullConnectorScheduler):
+class HybridNixlScheduler(TracedSchedulerMixin, HandoverSchedulerMixin, QuarantineSchedulerMixin,
+                          NotifySchedulerMixin, ListenerSchedulerMixin, NixlPullConnectorScheduler):
     """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers,
-    withholding the blocks of quarantined READs (:mod:`.quarantine`) and stepping until
-    P's notification for a refused request went out (:mod:`.reports`), and failing start-up
-    when the side channel cannot listen (:mod:`.listener`)."""
+    timing the handover (:mod:`.handover`), withholding the blocks of quarantined READs
+    (:mod:`.quarantine`) and stepping until P's notification for a refused request went
+    out (:mod:`.reports`), and failing start-up when the side channel cannot listen
+    (:mod:`.listener`)."""
 
 
 class HybridNixlConnector(NixlPullConnector):
@@ -86,6 +89,30 @@ class HybridNixlConnector(NixlPullConnector):
     def build_connector_worker_meta(self) -> WorkerReport | None:
         """The worker's news this step (vLLM hands it to the scheduler)."""
         return self.connector_worker.hy_worker_report() if self.connector_worker else None
+
+    # upstream: NixlBaseConnector.get_kv_connector_stats (extended to the scheduler side)
+    def get_kv_connector_stats(self) -> HybridKVConnectorStats | None:
+        sched = self.connector_scheduler
+        if not isinstance(sched, HandoverSchedulerMixin):
+            return super().get_kv_connector_stats()  # type: ignore[return-value]
+        d_rows, p_rows = sched.hy_handover_take()
+        if not d_rows and not p_rows:
+            return None
+        stats = HybridKVConnectorStats()
+        stats.data[D_SCHED_KEY], stats.data[P_SCHED_KEY] = d_rows, p_rows
+        return stats
+
+    # upstream: NixlBaseConnector.build_kv_connector_stats (classmethod, replaced)
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> HybridKVConnectorStats | None:
+        return HybridKVConnectorStats(data=data) if data is not None else HybridKVConnectorStats()
+
+    # upstream: NixlBaseConnector.build_prom_metrics (classmethod, replaced)
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> HybridPromMetrics:
+        return HybridPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
 __all__ = ["HybridNixlConnector", "HybridNixlScheduler", "HybridNixlWorker"]

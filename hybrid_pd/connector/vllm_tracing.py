@@ -34,10 +34,12 @@ from typing import Any
 
 from opentelemetry.context import Context
 
+from hybrid_pd.connector import handover
+from hybrid_pd.connector.stats import EVENTS_KEY, READS_KEY, SPANS_KEY, SpanTally
 from hybrid_pd.settings import TRACE_PARAMS_KEY
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import engine as tel
-from hybrid_pd.telemetry.recorder import BACKEND, SpanRecorder
+from hybrid_pd.telemetry.recorder import BACKEND, SpanRecorder, clock_offset_ns
 from hybrid_pd.transfer.reads import ReadResult, now_ns
 
 META_ATTR = TRACE_PARAMS_KEY
@@ -50,6 +52,18 @@ def desc_stats(descs: Any) -> tuple[int, int]:
         return int(arr.shape[0]), int(arr[:, 1].sum())
     rows = list(descs)  # lists of tuples (our local splits)
     return len(rows), sum(int(r[1]) for r in rows)
+
+
+def completed_ns(rec: ReadResult) -> int:
+    """When NIXL completed a READ (monotonic): its handle's creation plus NIXL's own
+    transfer time, within [post, first poll that saw DONE]; the poll without NIXL's
+    telemetry."""
+    seen = rec.t_done_ns or rec.t_end_ns
+    t = rec.telemetry
+    if t is None or not rec.t_created_ns:
+        return seen
+    est = rec.t_created_ns + int(t.xfer_us * 1000)
+    return min(max(est, rec.t_post_ns), seen) if seen else est
 
 
 # ------------------------------------------------------------------------------ scheduler
@@ -90,11 +104,14 @@ class TracedSchedulerMixin:
 
 @dataclass
 class _Transfer:
-    t0: int
+    t0: int  # first read attempt (after a handshake it waited for)
     peer_engine: str
     reads: int = 0
     bytes: int = 0
     descriptors: int = 0
+    load: int = 0  # the worker first saw the request to load (start_load_kv)
+    posted: int = 0  # NIXL took the last READ of the request (its transfer() returned)
+    done: int = 0  # NIXL completed the last READ (its own transfer time), else the poll
 
 
 @dataclass
@@ -106,6 +123,9 @@ class _State:
     failures: dict[str, str] = field(default_factory=dict)
     adding: tuple[str, int, int] | None = None  # (engine, rank, tp) in add_remote_agent
     mapped: tuple[int, int, int | None, int] | None = None  # t0, t1, bytes, descriptors
+    spans: SpanTally = field(default_factory=SpanTally)
+    loads: dict[str, int] = field(default_factory=dict)  # rid -> first start_load_kv
+    handshakes: dict[str, int] = field(default_factory=dict)  # peer engine -> handshake end
 
 
 class TracedWorkerMixin:
@@ -194,6 +214,8 @@ class TracedWorkerMixin:
             except Exception as exc:
                 A.mark_failed(span, f"{type(exc).__name__}: {exc}"[:200], exc)
                 raise
+            finally:
+                st.handshakes[expected_engine_id] = now_ns()
 
     # -- requests ------------------------------------------------------------------------
     def start_load_kv(self, metadata: Any) -> None:
@@ -202,12 +224,16 @@ class TracedWorkerMixin:
         now = now_ns()
         for rid in getattr(metadata, "reqs_to_send", {}) or {}:
             st.holds.setdefault(rid, [now, False])
+        for rid in getattr(metadata, "reqs_to_recv", {}) or {}:
+            st.loads.setdefault(rid, now)
         super().start_load_kv(metadata)  # type: ignore[misc]
 
     def _read_blocks_for_req(self, req_id: str, meta: Any) -> None:
         st = self._hy_state()
         if req_id not in st.transfers and meta.remote is not None:
-            st.transfers[req_id] = _Transfer(now_ns(), meta.remote.engine_id)
+            now = now_ns()
+            st.transfers[req_id] = _Transfer(now, meta.remote.engine_id,
+                                             load=st.loads.pop(req_id, now))
         super()._read_blocks_for_req(req_id, meta)  # type: ignore[misc]
 
     def _compute_desc_ids(self, *args: Any, **kwargs: Any) -> Any:
@@ -248,15 +274,24 @@ class TracedWorkerMixin:
             tr.reads += 1
             tr.bytes += t.total_bytes if t is not None else rec.bytes
             tr.descriptors += t.desc_count if t is not None else rec.descriptors
+            tr.posted = max(tr.posted, rec.t_post_ns)
+            tr.done = max(tr.done, completed_ns(rec))
             rec.peer_engine = rec.peer_engine or tr.peer_engine
         if rec.status != "DONE" and not rec.reason:
             rec.reason = st.failures.get(rec.request_id, "")
         st.rec.read(self._hy_ctx(rec.request_id), rec, req_id=rec.request_id)
+        if rec.status == "DONE":  # the same duration and bytes as the read span
+            t0 = rec.t_make_ns or rec.t_post_ns or rec.t_end_ns
+            t1 = rec.t_end_ns or rec.t_done_ns or t0
+            handover.record(self._hy_stats(), READS_KEY, [rec.kind, max(0, t1 - t0) / 1e9,
+                                                          int(rec.bytes)])
 
     def _hy_read_aborted(self, req_id: str, rec: ReadResult, t_abort: int) -> None:
         super()._hy_read_aborted(req_id, rec, t_abort)  # type: ignore[misc]
         st = self._hy_state()
         st.failures.setdefault(req_id, rec.reason)
+        handover.record(self._hy_stats(), EVENTS_KEY, ["stall", 1])
+        handover.record(self._hy_stats(), EVENTS_KEY, ["abort", 1])
         st.rec.stall_and_abort(self._hy_ctx(req_id), rec.t_post_ns, t_abort, now_ns(), [rec],
                                rec.reason, stalled=True, req_id=req_id, extra={
                                    A.KV_PEER_ENGINE_ID: rec.peer_engine or None,
@@ -268,6 +303,15 @@ class TracedWorkerMixin:
             reason = failure_type + (f": {type(err).__name__}: {err}" if err is not None else "")
             self._hy_state().failures.setdefault(req_id, reason[:200])
         super()._log_failure(failure_type, req_id, *args, **kwargs)  # type: ignore[misc]
+
+    def _hy_stats(self) -> Any:
+        return getattr(self, "xfer_stats", None)
+
+    # upstream: NixlBaseConnectorWorker.get_kv_connector_stats (extended)
+    def get_kv_connector_stats(self) -> Any:
+        for row in self._hy_state().spans.rows():
+            handover.record(self._hy_stats(), SPANS_KEY, row)
+        return super().get_kv_connector_stats()  # type: ignore[misc]
 
     def get_transfer_results(self) -> Any:
         res = super().get_transfer_results()  # type: ignore[misc]
@@ -293,7 +337,15 @@ class TracedWorkerMixin:
         return res
 
     def _hy_end_transfer(self, rid: str, tr: _Transfer, now: int, failed: bool) -> None:
-        fail = (self._hy_state().failures.get(rid) or "failed") if failed else ""
+        st = self._hy_state()
+        fail = (st.failures.get(rid) or "failed") if failed else ""
+        proxy_rid = st.info.get(rid, {}).get("request_id")
+        if proxy_rid and not failed:
+            off = clock_offset_ns()
+            cold = st.handshakes.get(tr.peer_engine, 0) >= tr.load
+            handover.record(self._hy_stats(), handover.D_WORKER_KEY, [
+                proxy_rid, int(getattr(self, "tp_rank", 0)), tr.load + off, tr.t0 + off,
+                (tr.posted or tr.t0) + off, (tr.done or now) + off, int(cold)])
         self._hy_emit(A.SPAN_KV_TRANSFER, rid, tr.t0, now, lambda: {
             A.KV_READS: tr.reads, A.KV_BYTES: tr.bytes, A.KV_DESCRIPTORS: tr.descriptors,
             A.KV_PEER_ENGINE_ID: tr.peer_engine, A.KV_LAYER_KIND: "mixed",

@@ -24,6 +24,7 @@ from hybrid_pd.settings import (
     ENV_SIDE_CHANNEL_PORT,
     ENV_TELEMETRY_DB,
     FEW_CORES,
+    HANDOVER_MIDDLEWARE,
     KEY_LEASE,
     KEY_NUM_THREADS,
     KEY_READ_TIMEOUT,
@@ -154,6 +155,8 @@ def engine_command(cfg: LaunchConfig, spec: EngineSpec, python: str = sys.execut
     kvt = kv_transfer_config(spec.role, cfg.connector, extra)
     if kvt is not None:
         cmd += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
+    if kvt is not None and cfg.connector == "hybrid":  # D's handover instants for the proxy
+        cmd += ["--middleware", HANDOVER_MIDDLEWARE]
     cmd += [a for a in cfg.engine_args if a != "--no-enforce-eager"]
     return cmd
 

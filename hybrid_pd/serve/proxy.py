@@ -53,6 +53,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hybrid_pd.serve import ttft
 from hybrid_pd.serve.engines import DEFAULT_PROXY_TIMEOUT_S
 from hybrid_pd.serve.proxy_calls import POOL_MAX_CONNECTIONS, EngineError, Relayed, Slot
 from hybrid_pd.serve.proxy_pool import Engines, health_answer
@@ -208,8 +209,10 @@ class PDProxy:
         self.tracer = tracer
         # max_model_len per (D backend, served model), and when to ask again if unknown
         self._max_lens: dict[tuple[str, str], tuple[int | None, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # handover breakdowns in progress
 
     async def handle(self, request: Request, path: str) -> Response:
+        received_ns = ttft.now_ns()
         body, error = parse_body(await request.body())
         if body is None:
             return invalid_request(error or "body is not a JSON object")
@@ -224,11 +227,12 @@ class PDProxy:
         if problem is not None:
             return invalid_request(problem[1], param=problem[0])
         root = self._request_span(request)
+        handover = ttft.Handover(request_id, received_ns)
         try:
             with trace.use_span(root, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):
                 describe_request(root, body, path, request_id)
-                answer = await self._answer(request, path, body, request_id, headers, root, d)
+                answer = await self._answer(request, path, body, handover, headers, root, d)
         except BaseException:
             root.end()
             raise
@@ -259,11 +263,12 @@ class PDProxy:
         self._max_lens.setdefault((d.url, model), (None, retry_at))
         return self._max_lens[(d.url, model)][0]
 
-    async def _answer(self, request: Request, path: str, body: dict, request_id: str,
+    async def _answer(self, request: Request, path: str, body: dict, h: ttft.Handover,
                       headers: dict, root: Span, d: Backend) -> Response:
+        request_id = h.request_id
         try:
             answer = await until_disconnected(
-                request, self._prefill_then_decode(path, body, request_id, headers, d))
+                request, self._prefill_then_decode(path, body, h, headers, d))
         except EngineError as exc:
             mark_engine_error(root, exc)
             logger.warning("request %s failed: %s", request_id, exc)
@@ -272,40 +277,61 @@ class PDProxy:
             mark_cancelled(root)
             logger.info("request %s: the client left; its engine call was closed", request_id)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        self._time_first_token(answer, h, root, d)
         return answer
 
-    async def _prefill_then_decode(self, path: str, body: dict, request_id: str,
+    def _time_first_token(self, answer: Response, h: ttft.Handover, root: Span,
+                          d: Backend) -> None:
+        """The handover breakdown, once the first token went out (a task: D is asked for
+        its instants after the answer)."""
+        def done(_outcome: str = "") -> None:
+            if h.first_token_ns:
+                task = asyncio.get_running_loop().create_task(ttft.breakdown(
+                    self.tracer, root, h, self.engines.client(d).http, d.url))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        if isinstance(answer, Relayed):
+            answer.when_first_sent(lambda: ttft.first_token(root, h))
+            answer.when_ended(done)
+        elif answer.status_code < 400:
+            ttft.first_token(root, h)
+            done()
+
+    async def _prefill_then_decode(self, path: str, body: dict, h: ttft.Handover,
                                    headers: dict, d: Backend) -> Response:
         # D's slot first: when D is saturated the answer is 503 before P prefills anything
         # (P would otherwise hold the blocks for a D call that never comes).
         slot = self.engines.reserve(d)
         try:
-            p_answer = await self._prefill(path, body, request_id, headers)
-            return await self._decode(path, body, p_answer, request_id, headers, d, slot)
+            p_answer = await self._prefill(path, body, h, headers)
+            return await self._decode(path, body, p_answer, h.request_id, headers, d, slot)
         finally:
             slot.give_back()  # no-op once the D call took it over
 
-    async def _prefill(self, path: str, body: dict, request_id: str, headers: dict) -> dict:
+    async def _prefill(self, path: str, body: dict, h: ttft.Handover, headers: dict) -> dict:
         """P's answer, which carries the kv_transfer_params D needs.  A P that fails
         before answering is taken out, and the call runs once more on another healthy P
         (P has no state of the request yet: a new prefill is the whole retry)."""
         p = self.engines.choose("prefill")
         try:
-            return await self._prefill_on(p, path, body, request_id, headers)
+            return await self._prefill_on(p, path, body, h, headers)
         except EngineError as exc:
             other = self.engines.retry_target(p, exc)
             if other is None:
                 raise
-            logger.warning("request %s: %s; prefill again on %s", request_id, exc, other.url)
-        return await self._prefill_on(other, path, body, request_id, headers)
+            logger.warning("request %s: %s; prefill again on %s", h.request_id, exc, other.url)
+        return await self._prefill_on(other, path, body, h, headers)
 
-    async def _prefill_on(self, p: Backend, path: str, body: dict, request_id: str,
+    async def _prefill_on(self, p: Backend, path: str, body: dict, h: ttft.Handover,
                           headers: dict) -> dict:
-        with self._engine_span("prefill", request_id, p) as span:
+        with self._engine_span("prefill", h.request_id, p) as span:
             slot = self.engines.reserve(p)
             p_headers = traced_headers(headers)
-            p_body = with_trace(prefill_request(body), request_id, p_headers)
+            p_body = with_trace(prefill_request(body), h.request_id, p_headers)
+            called_ns = ttft.now_ns()
             answer = await self.engines.calling(p).post_json(p.url + path, p_body, p_headers, slot)
+            h.prefill_answered(answer, called_ns)
             self.engines.succeeded(p)
             A.set_attrs(span, {A.BACKEND_ENGINE_ID: remote_engine_id(answer)})
             return answer

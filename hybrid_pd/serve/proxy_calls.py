@@ -187,7 +187,12 @@ class EngineClient:
 
     async def _relay(self, resp: httpx.Response, close: _Closer) -> AsyncIterator[bytes]:
         try:
+            first = True
             async for chunk in resp.aiter_bytes():
+                if first:  # handed to the caller's connection next (a non-blocking write)
+                    first = False
+                    for callback in close.first_sent:
+                        callback()
                 yield chunk
             close.outcome = "done"
         except httpx.HTTPError as exc:
@@ -228,6 +233,7 @@ class _Closer:
         self._resp, self._give_slot, self._done = resp, give_slot, False
         self.outcome = "cancelled"
         self.callbacks: list[Callable[[str], None]] = []
+        self.first_sent: list[Callable[[], None]] = []  # the first chunk goes to the caller
 
     async def __call__(self) -> None:
         if self._done:
@@ -246,6 +252,10 @@ class Relayed(StreamingResponse):
     def __init__(self, content: AsyncIterator[bytes], close: _Closer, **kw: Any) -> None:
         super().__init__(content, **kw)
         self._close = close
+
+    def when_first_sent(self, callback: Callable[[], None]) -> None:
+        """``callback()`` as the first chunk is handed to the caller's connection."""
+        self._close.first_sent.append(callback)
 
     def when_ended(self, callback: Callable[[str], None]) -> None:
         """``callback(outcome)`` once the relay ended: "done", "failed: <why>" or

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from hybrid_pd.serve.proxy_calls import EngineError
-from hybrid_pd.settings import TRACE_PARAMS_KEY
+from hybrid_pd.settings import HANDOVER_PARAMS_KEY, TRACE_PARAMS_KEY
 
 # Fields that must not reach P: P only prefills one token, which is thrown away.
 # min_tokens: P refuses min_tokens > max_tokens=1; logprobs/top_logprobs: only D's tokens
@@ -123,7 +123,8 @@ def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str]) -
 
 
 def decode_request(body: dict[str, Any], prefill_response: dict[str, Any]) -> dict[str, Any]:
-    """The body D gets: the user's request plus P's kv_transfer_params, unchanged."""
+    """The body D gets: the user's request plus P's kv_transfer_params (less P's handover
+    instants, which are the proxy's)."""
     params = prefill_response.get("kv_transfer_params")
     if not isinstance(params, dict):
         raise EngineError(
@@ -133,7 +134,7 @@ def decode_request(body: dict[str, Any], prefill_response: dict[str, Any]) -> di
             "connector and kv_role=kv_producer (hybrid-pd serve does this)?",
         )
     out = copy.deepcopy(body)
-    out["kv_transfer_params"] = params
+    out["kv_transfer_params"] = {k: v for k, v in params.items() if k != HANDOVER_PARAMS_KEY}
     return out
 
 

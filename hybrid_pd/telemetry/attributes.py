@@ -48,6 +48,42 @@ SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
 SPAN_PROXY_PREFILL = "hybrid_pd.proxy.prefill"
 SPAN_PROXY_DECODE = "hybrid_pd.proxy.decode"
 
+# Handover breakdown: one span per phase of a P/D request's time to first token, children
+# of its ``hybrid_pd.proxy.request`` span, tiling [proxy received the request, proxy sent
+# the first token] without gaps or overlaps, in the order of ``TTFT_PHASES``.
+SPAN_TTFT_ROUTER_RECEIVE = "hybrid_pd.ttft.router_receive"
+SPAN_TTFT_P_QUEUE = "hybrid_pd.ttft.p_queue"
+SPAN_TTFT_P_PREFILL = "hybrid_pd.ttft.p_prefill"
+SPAN_TTFT_P_ANSWER = "hybrid_pd.ttft.p_answer"
+SPAN_TTFT_ROUTER_TO_D = "hybrid_pd.ttft.router_to_d"
+SPAN_TTFT_D_QUEUE = "hybrid_pd.ttft.d_queue"
+SPAN_TTFT_HANDSHAKE = "hybrid_pd.ttft.handshake"
+SPAN_TTFT_READ_POST = "hybrid_pd.ttft.read_post"
+SPAN_TTFT_READ_IN_FLIGHT = "hybrid_pd.ttft.read_in_flight"
+SPAN_TTFT_COMPLETION_NOTICED = "hybrid_pd.ttft.completion_noticed"
+SPAN_TTFT_D_FIRST_STEP = "hybrid_pd.ttft.d_first_step"
+SPAN_TTFT_FIRST_TOKEN_SENT = "hybrid_pd.ttft.first_token_sent"
+
+_TTFT_MEANINGS: dict[str, str] = {
+    SPAN_TTFT_ROUTER_RECEIVE: "Proxy: from receiving the request to sending it to P.",
+    SPAN_TTFT_P_QUEUE: "From the proxy's call to P to P's scheduler taking the request "
+    "(HTTP hop, P's API server, P's queue).",
+    SPAN_TTFT_P_PREFILL: "P's scheduler took the request until its prefill (and first sample) finished.",
+    SPAN_TTFT_P_ANSWER: "P's prefill finished until the proxy had P's answer.",
+    SPAN_TTFT_ROUTER_TO_D: "Proxy had P's answer until D's API server received the request "
+    "(vLLM's arrival time).",
+    SPAN_TTFT_D_QUEUE: "D's arrival until D's worker started the KV load (D's queue, block allocation).",
+    SPAN_TTFT_HANDSHAKE: "D's worker waited for the NIXL handshake with P (zero on a warm pair).",
+    SPAN_TTFT_READ_POST: "D built its descriptors and posted every READ.",
+    SPAN_TTFT_READ_IN_FLIGHT: "The READs in flight: last post to NIXL's completion (NIXL's own times).",
+    SPAN_TTFT_COMPLETION_NOTICED: "NIXL's completion until D's scheduler saw the transfer finished.",
+    SPAN_TTFT_D_FIRST_STEP: "D's scheduler saw the KV until its first token was sampled.",
+    SPAN_TTFT_FIRST_TOKEN_SENT: "D's first token until the proxy sent it to the client (with the "
+    "whole answer for a non-streamed request).",
+}
+# Phase name (span name without the prefix) in tiling order.
+TTFT_PHASES: tuple[str, ...] = tuple(n.rsplit(".", 1)[1] for n in _TTFT_MEANINGS)
+
 SPANS: dict[str, str] = {
     SPAN_KV_DESC_BUILD: "Descriptor list build; `kv.desc.scope` says local registration, "
     "remote (per handshake) or the per-request block-id -> descriptor-id mapping.",
@@ -61,6 +97,8 @@ SPANS: dict[str, str] = {
     SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root; a streamed one ends with its stream).",
     SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
     SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
+    **{name: "Handover phase (child of the proxy's request span). " + meaning
+       for name, meaning in _TTFT_MEANINGS.items()},
 }
 
 # ----------------------------------------------------------------------- attribute keys
@@ -115,6 +153,14 @@ KV_WAITED_MS = "kv.waited_ms"
 KV_READS = "kv.reads"
 KV_POLLS = "kv.polls"
 
+# Handover breakdown (phase spans and the proxy's request span).
+TTFT_MS = "hybrid_pd.ttft_ms"
+TTFT_PHASE = "hybrid_pd.ttft.phase"
+TTFT_INDEX = "hybrid_pd.ttft.index"
+TTFT_SKEW_NS = "hybrid_pd.ttft.skew_ns"
+TTFT_COLD = "hybrid_pd.ttft.cold"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+
 ATTRIBUTES: dict[str, AttrSpec] = {
     a.key: a
     for a in (
@@ -156,6 +202,15 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress."),
         AttrSpec(KV_READS, "int", "READ handles: posted (transfer span) or given up unfinished (abort span)."),
         AttrSpec(KV_POLLS, "int", "Transfer span: check_xfer_state rounds until every READ was DONE or aborted."),
+        AttrSpec(TTFT_MS, "double", "Time to first token as the proxy measured it (request received "
+                 "to first token sent), ms; on the request span and every handover phase span."),
+        AttrSpec(TTFT_PHASE, "string", "Handover phase name: the last part of the span name, e.g. `p_queue`."),
+        AttrSpec(TTFT_INDEX, "int", "Handover phase position, 0 (`router_receive`) to 11 (`first_token_sent`)."),
+        AttrSpec(TTFT_SKEW_NS, "int", "Nanoseconds this phase's end was moved forward because a clock "
+                 "(another host's) put it before its start; 0 on one box."),
+        AttrSpec(TTFT_COLD, "bool", "The request waited for a NIXL handshake (first request of a P-D pair)."),
+        AttrSpec(GEN_AI_USAGE_INPUT_TOKENS, "int", "Prompt tokens (GenAI semconv), on the request span "
+                 "and the handover phase spans."),
     )
 }
 
