@@ -156,3 +156,14 @@ def test_stats_rows_travel_and_aggregate() -> None:
     again = stats.HybridKVConnectorStats(data=a.to_dict())
     assert again.data[stats.READS_KEY] == [["attention", 0.001, 4096]]
     assert again.reduce() == {"Num successful transfers": 0}
+
+
+def test_decode_row_when_the_first_token_also_finishes_the_request() -> None:
+    s = _Sched()
+    req = _request("c", {"do_remote_prefill": True})
+    s.update_state_after_alloc(req, None, 100)
+    s.update_connector_output(SimpleNamespace(finished_recving={"c"}))
+    req.num_output_tokens = 1  # max_tokens=1: finished in the step that sampled it
+    s.request_finished(req, [])
+    (row,), _ = s.hy_handover_take()
+    assert row[0] == "proxy-c"

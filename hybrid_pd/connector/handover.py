@@ -59,7 +59,7 @@ class HandoverSchedulerMixin:
     def _hy_handover(self) -> dict[str, Any]:
         st = self.__dict__.get("_hy_handover_state")
         if st is None:
-            st = self.__dict__["_hy_handover_state"] = {"p": {}, "d": {}, "p_rows": []}
+            st = self.__dict__["_hy_handover_state"] = {"p": {}, "d": {}, "p_rows": [], "d_rows": []}
         return st
 
     # upstream: NixlPullConnectorScheduler.update_state_after_alloc (extended)
@@ -82,7 +82,10 @@ class HandoverSchedulerMixin:
         now = wall_ns()
         out = super().request_finished(request, block_ids)  # type: ignore[misc]
         st = self._hy_handover()
-        st["d"].pop(request.request_id, None)
+        entry = st["d"].pop(request.request_id, None)
+        if entry is not None and entry["noticed"] and request.num_output_tokens > 0:
+            # finished in the step that sampled its first token (max_tokens=1, a stop)
+            st["d_rows"].append([entry["rid"], entry["arrival"], entry["noticed"], now])
         sched = st["p"].pop(request.request_id, None)
         params = out[1] if isinstance(out, tuple) and len(out) == 2 else None
         if sched is not None and isinstance(params, dict):
@@ -107,7 +110,8 @@ class HandoverSchedulerMixin:
         tokens are in); P rows: [prefill start, prefill end] of finished prefills."""
         st = self._hy_handover()
         p_rows, st["p_rows"] = st["p_rows"], []
-        return self._hy_first_tokens(st["d"]), p_rows
+        d_rows, st["d_rows"] = st["d_rows"], []
+        return d_rows + self._hy_first_tokens(st["d"]), p_rows
 
     def _hy_first_tokens(self, pending: dict[str, Any]) -> list[list[Any]]:
         rows: list[list[Any]] = []

@@ -363,3 +363,73 @@ def test_handover_phases_tile_ttft(served: Served) -> None:
     for rid, ttft, client, durs in table:
         print(f"{rid} | {ttft:.1f} | {client:.1f} | "
               + " | ".join(f"{durs[p]:.2f}" for p in A.TTFT_PHASES))
+
+
+# ------------------------------------------------------- the connector's /metrics
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value of an engine's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items()
+                                  if k not in ("model_name", "engine")))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def total(metrics: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in metrics.items() if n == name and want <= set(lab))
+
+
+def span_totals(db: Path) -> dict[str, Any]:
+    reads = _query(db, "SELECT layer_kind, COUNT(*), SUM(bytes) FROM spans WHERE name = ? AND "
+                   "role = 'decode' AND status != 'ERROR' GROUP BY layer_kind", A.SPAN_KV_READ) or []
+    one = lambda sql, *a: (_query(db, sql, *a) or [(0,)])[0][0]  # noqa: E731
+    return {
+        "reads": {k: (n, b) for k, n, b in reads},
+        "transfers": one("SELECT COUNT(DISTINCT request_id) FROM spans WHERE name = ? AND "
+                         "status != 'ERROR'", A.SPAN_KV_TRANSFER),
+        "notified": one("SELECT COUNT(*) FROM spans WHERE name = ? AND role = 'prefill' AND "
+                        "status != 'ERROR'", A.SPAN_KV_NOTIFY),
+        "failed": one("SELECT COUNT(*) FROM spans WHERE name IN (?, ?)", A.SPAN_KV_STALL,
+                      A.SPAN_KV_ABORT),
+    }
+
+
+def from_metrics(d: dict, p: dict) -> dict[str, Any]:
+    kinds = {dict(lab)["layer_kind"] for (n, lab) in d if n == "hybrid_pd_kv_read_seconds_count"}
+    return {
+        "reads": {k: (int(total(d, "hybrid_pd_kv_read_seconds_count", layer_kind=k)),
+                      int(total(d, "hybrid_pd_kv_read_bytes_sum", layer_kind=k))) for k in kinds},
+        "transfers": int(total(d, "hybrid_pd_handover_phase_seconds_count", phase="d_first_step")),
+        "notified": int(total(p, "hybrid_pd_handover_phase_seconds_count", phase="p_prefill")),
+        "failed": int(total(d, "hybrid_pd_kv_stalls_total") + total(d, "hybrid_pd_kv_aborts_total")),
+    }
+
+
+def test_engine_metrics_match_the_spans(served: Served) -> None:
+    """D's and P's hybrid_pd_* metrics count the same READs, bytes, handovers and
+    failures as the spans of the same requests (all requests of this module so far)."""
+    with httpx.Client(timeout=120, headers={"X-Request-Id": "metrics-1"}) as c:
+        r = c.post(served.proxy + "/v1/completions",
+                   json=body(served.model, token_prompt(520), max_tokens=2))
+        assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    while True:  # spans leave in 0.5 s batches; metrics with the next engine step
+        d, p = scrape(served.decode), scrape(served.prefill)
+        want, got = span_totals(served.db), from_metrics(d, p)
+        if want == got or time.monotonic() - t0 > SPANS_BOUND_S:
+            break
+        time.sleep(0.5)
+    print("\n/metrics excerpt (decode):\n" + "\n".join(
+        line for line in httpx.get(served.decode + "/metrics").text.splitlines()
+        if line.startswith("hybrid_pd_") and ("_count" in line or "_total" in line)))
+    assert got == want, f"metrics {got} != spans {want}"
+    assert want["reads"] and want["transfers"] >= 2, want  # the warm-up and this one at least
+    moved, optimal = total(d, "hybrid_pd_kv_bytes_moved_total"), total(d, "hybrid_pd_kv_bytes_optimal_total")
+    assert moved == sum(b for _, b in want["reads"].values()), (moved, want)
+    assert 0 < optimal <= moved, (moved, optimal)
+    assert total(d, "vllm:nixl_xfer_time_seconds_count") == sum(n for n, _ in want["reads"].values())
+    assert total(d, "hybrid_pd_engine_spans_exported_total", sink="sqlite") > 0
+    print(f"bytes moved / optimal = {moved / optimal:.3f}")
