@@ -24,7 +24,10 @@ KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
 # D's wait for each P rank's NIXL metadata (vLLM 0.32 hard-codes 5 s); seconds.
 KEY_HANDSHAKE_TIMEOUT = "hybrid_handshake_timeout_s"
 
-DEFAULT_READ_GRANULARITY = "request"
+DEFAULT_READ_GRANULARITY = "request"  # the connector's own: one READ per P rank (upstream's)
+# hybrid-pd serve/demo: per-layer READs for one request in 16 (the first one included), so
+# a monitoring-first server shows per-layer timelines out of the box.
+SERVE_READ_GRANULARITY = "sampled:16"
 # KV integrity digests (hybrid_pd.transfer.integrity): off | every | sampled:K.
 DEFAULT_KV_INTEGRITY = "off"
 DEFAULT_READ_TIMEOUT_S = 60.0

@@ -74,9 +74,11 @@ def test_engine_command_passes_user_args_and_connector():
 def test_default_kv_extra_limits_nixl_threads_on_small_machines():
     assert dict(default_kv_extra(settings.FEW_CORES - 1)) == {
         settings.KEY_LEASE: settings.DEFAULT_LEASE_S, settings.KEY_NUM_THREADS: 1,
-        settings.KEY_READ_TIMEOUT: settings.DEFAULT_READ_TIMEOUT_S}
+        settings.KEY_READ_TIMEOUT: settings.DEFAULT_READ_TIMEOUT_S,
+        settings.KEY_READ_GRANULARITY: "sampled:16"}
     assert dict(default_kv_extra(settings.FEW_CORES, lease_s=45, read_timeout_s=5)) == {
-        settings.KEY_LEASE: 45, settings.KEY_READ_TIMEOUT: 5}
+        settings.KEY_LEASE: 45, settings.KEY_READ_TIMEOUT: 5,
+        settings.KEY_READ_GRANULARITY: settings.SERVE_READ_GRANULARITY}
 
 
 def test_engine_env_ports_binding_and_reference_layout():

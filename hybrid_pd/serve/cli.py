@@ -49,6 +49,7 @@ from hybrid_pd.settings import (
     PORT_PREFILL,
     PORT_PREFILL_SIDE_CHANNEL,
     PORT_PROXY,
+    SERVE_READ_GRANULARITY,
 )
 from hybrid_pd.tiny_models import engine_args_for
 
@@ -86,8 +87,9 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
                    help="abort a KV READ still in flight after this long and fail its request "
                    f"(kv_connector_extra_config.{KEY_READ_TIMEOUT}; default {DEFAULT_READ_TIMEOUT_S:g})")
     p.add_argument("--kv-read-granularity", default=None, metavar="request|layer|sampled:K",
-                   help="our connector: one READ per P rank and request (default, upstream's), "
-                   "one per layer (per-layer timelines), or per layer for 1 request in K")
+                   help="our connector: one READ per P rank and request (upstream's), one per "
+                   "layer (per-layer timelines), or per layer for 1 request in K "
+                   f"(default {SERVE_READ_GRANULARITY}: per-layer timelines at a small cost)")
     p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
                    help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")

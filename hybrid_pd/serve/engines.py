@@ -27,7 +27,9 @@ from hybrid_pd.settings import (
     HANDOVER_MIDDLEWARE,
     KEY_LEASE,
     KEY_NUM_THREADS,
+    KEY_READ_GRANULARITY,
     KEY_READ_TIMEOUT,
+    SERVE_READ_GRANULARITY,
 )
 
 CONNECTORS = {
@@ -119,8 +121,11 @@ def default_kv_extra(num_cores: int, lease_s: int = DEFAULT_LEASE_S,
     KEY_READ_TIMEOUT: a READ still in flight after this long is aborted and the
         request fails (vLLM's kv_load_failure_policy) instead of waiting forever; read by
         our connector's worker (and upstream's under the tracing patch).
+    KEY_READ_GRANULARITY: our connector reads one request in 16 layer by layer (per-layer
+        timelines by default); upstream's connector ignores the key.
     """
-    extra: list[tuple[str, object]] = [(KEY_LEASE, lease_s), (KEY_READ_TIMEOUT, read_timeout_s)]
+    extra: list[tuple[str, object]] = [(KEY_LEASE, lease_s), (KEY_READ_TIMEOUT, read_timeout_s),
+                                       (KEY_READ_GRANULARITY, SERVE_READ_GRANULARITY)]
     if num_cores < FEW_CORES:
         extra.append((KEY_NUM_THREADS, FEW_CORES_NIXL_THREADS))
     return tuple(extra)
