@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_pd.planner.cli import add_request_args
+from hybrid_pd.settings import DEFAULT_KV_INTEGRITY
 from hybrid_pd.transfer.reads import parse_granularity
 
 
@@ -35,8 +36,22 @@ def _parse_telemetry(value: str) -> object:
     return parse_telemetry(value)
 
 
+def _parse_integrity(value: str) -> object:
+    from hybrid_pd.bench.runner import parse_integrity
+
+    return parse_integrity(value)
+
+
+def _parse_flip(value: str) -> object:
+    from hybrid_pd.bench.runner import parse_flip
+
+    return parse_flip(value)
+
+
 _granularity = _validated(parse_granularity)
 _telemetry = _validated(_parse_telemetry)
+_integrity = _validated(_parse_integrity)
+_flip = _validated(_parse_flip)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -68,6 +83,16 @@ def add_parser(subparsers: Any) -> None:
                    "comparison (JSON: telemetry_modes; ratio_vs_off_group when off is listed)")
     p.add_argument("--telemetry-db", default=None,
                    help="span database file (default: runs/bench-<time>/spans.db)")
+    p.add_argument("--integrity", type=_integrity, default=DEFAULT_KV_INTEGRITY,
+                   metavar="{off,every,sampled:K}[,...]",
+                   help="KV integrity digests (xxh3_64): on the requests the policy selects "
+                   "P digests its source descriptors and D its destination after the READ, "
+                   "compared per (layer, view); JSON: integrity, integrity_mismatches, digest "
+                   "ms.  Several policies (comma-separated) run interleaved, request by "
+                   "request, in the same processes (JSON: integrity_modes, ratio_vs_off when "
+                   "off is listed)")
+    # Tests only: plant a corruption (one byte flipped on P after its digest, LAYER:VIEW).
+    p.add_argument("--integrity-flip", type=_flip, default=None, help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="show the rank processes' logs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -108,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, verbose=args.verbose, telemetry=args.telemetry,
             telemetry_db=_telemetry_db(args),
         )
+        init.update(integrity=args.integrity, integrity_flip=args.integrity_flip or "")
         report = run_bench(init)
     except (OSError, ValueError, BenchError) as exc:
         print(f"hybrid-pd bench: error: {exc}", file=sys.stderr)
@@ -139,10 +165,30 @@ def run(args: argparse.Namespace) -> int:
                 + f"; span-end lag median {tel['span_end_lag_us']['median']:.1f} us -> "
                 f"{tel['db']}"
             )
-        for m in report["mismatches"] + report["failures"]:
+        for blk in report.get("integrity_modes", {}).values():
+            if blk["policy"] == "off":
+                continue
+            print(f"integrity {blk['policy']}: {blk['digested']} of {blk['requests']} requests "
+                  f"digested, {blk['mismatches']} mismatches; digest P "
+                  f"{blk['src_digest_ms_median']:.2f} + D {blk['dst_digest_ms_median']:.2f} ms "
+                  f"median ({blk['digest_ms_per_request']:.2f} ms per request); "
+                  f"{blk['gbps_median']:.2f} GB/s, {blk['gbps_with_digest_median']:.2f} GB/s "
+                  "with the digests"
+                  + (f", x{blk['ratio_vs_off']:.3f} vs off" if "ratio_vs_off" in blk else ""))
+        for m in report["mismatches"] + report["failures"] + _integrity_lines(report):
             print(f"  {m}")
     if not report["verified"]:
         print("hybrid-pd bench: verification FAILED: " +
               "; ".join((report["mismatches"] + report["failures"])[:3]), file=sys.stderr)
         return 1
+    if report.get("integrity_mismatches") or report.get("integrity_errors"):
+        print(f"hybrid-pd bench: integrity FAILED: {report['integrity_mismatches']} mismatches: "
+              + "; ".join(_integrity_lines(report)[:3]), file=sys.stderr)
+        return 1
     return 0
+
+
+def _integrity_lines(report: dict[str, Any]) -> list[str]:
+    """Integrity errors, then every policy's mismatch lines (layer, view, ranks)."""
+    return report.get("integrity_errors", []) + [
+        x for b in report.get("integrity_modes", {}).values() for x in b["mismatch_details"]]

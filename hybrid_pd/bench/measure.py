@@ -15,6 +15,12 @@ directly follows a per-layer hybrid read (whose ``done`` goes to P as a separate
 notification) was measured ~3 ms slower for tiny transfers (~0.3 ms), a carry-over that a
 plain rotation of the kinds gave the traced read 2 times in 3, the untraced one 1 time
 in 3 and the baseline always (1 time in 2 with telemetry off).
+
+Integrity (``--integrity``): for a request its policy selects, every P rank digests the
+sources it serves at the start of the request (op ``digest``); the leased hybrid READ
+then carries those digests to D, which digests its destination after the READ and
+compares.  Both digests happen outside the transfer window; their times are kept per
+timed request (:class:`IntegrityRun`) so the report can add them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid_pd.bench.session import BenchSession
+from hybrid_pd.bench.session import BenchError, BenchSession
+from hybrid_pd.transfer.integrity import IntegrityPolicy
 from hybrid_pd.transfer.reads import per_layer_for
 
 Replies = list[dict[str, Any]]  # one reply per D rank
@@ -49,29 +56,111 @@ def _request_id(kind: str, i: int, leased: str, telemetry_on: bool) -> str:
 
 
 def read_request(s: BenchSession, i: int, leased: str, granularity: str,
-                 telemetry_on: bool) -> dict[str, Replies]:
-    """All reads of request ``i``, kind -> the D ranks' replies, in the order read."""
+                 telemetry_on: bool, integrity: IntegrityRun | None = None) -> dict[str, Replies]:
+    """All reads of request ``i``, kind -> the D ranks' replies, in the order read.  With
+    ``integrity``, the leased read of a request its policy selects is digested."""
     per_layer = per_layer_for(granularity, i)
+    src = integrity.sources(s, leased) if integrity is not None else None
     out: dict[str, Replies] = {}
     for kind in _read_order(i, telemetry_on):
-        out[kind] = s.read(_request_id(kind, i, leased, telemetry_on),
-                           "hybrid" if kind in ("hybrid", "traced") else "baseline",
-                           per_layer=per_layer, telemetry=kind == "traced")
+        rid = _request_id(kind, i, leased, telemetry_on)
+        # D ranks get the policy, not P's verdict: each decides from the id itself.
+        checked = integrity is not None and rid == leased
+        out[kind] = s.read(rid, "hybrid" if kind in ("hybrid", "traced") else "baseline",
+                           per_layer=per_layer, telemetry=kind == "traced",
+                           integrity=integrity.policy if checked else "off",
+                           integrity_src=src if checked else None)
+        if checked and (src is not None or any("integrity" in r for r in out[kind])):
+            integrity.collect(s, i, rid, out[kind], src is not None)
     return out
 
 
 def run_requests(s: BenchSession, init: dict[str, Any], requests: int, granularity: str,
-                 telemetry_on: bool) -> Measurements:
-    """Lease and read ``requests`` timed requests after one warm-up."""
-    rids = [f"r{i}" for i in range(requests + 1)]
-    s.lease(rids, float(init.get("lease_s", 120.0)))
-    m = Measurements()
+                 telemetry_on: bool, policies: tuple[str, ...] = ("off",)) -> list[Measurements]:
+    """Lease and read ``requests`` timed requests after one warm-up, once per integrity
+    policy (one :class:`Measurements` each, in ``policies`` order), digesting the
+    requests each policy selects.  Several policies are interleaved: round ``i`` reads
+    request ``i`` of every policy, starting one policy later each round, so drift and
+    the order inside a round fall on all alike.  Leased ids: ``r<i>`` for the first
+    policy, ``i<j>-r<i>`` for policy ``j``; each round's are leased just before it."""
+    lease_s = float(init.get("lease_s", 120.0))
+    prefixes = ["r" if j == 0 else f"i{j}-r" for j in range(len(policies))]
+    flip = init.get("integrity_flip", "")
+    ms = [Measurements(integrity=IntegrityRun(pol, flip)) for pol in policies]
     for i in range(requests + 1):  # request 0 is the warm-up (UCX connects lazily)
-        out = read_request(s, i, rids[i], granularity, telemetry_on)
-        m.check(i, out)
-        if i > 0:
-            m.record(out, telemetry_on)
-    return m
+        s.lease([f"{p}{i}" for p in prefixes], lease_s)
+        for k in range(len(policies)):
+            j = (i + k) % len(policies)
+            m = ms[j]
+            run = m.integrity if m.integrity.enabled else None
+            out = read_request(s, i, f"{prefixes[j]}{i}", granularity, telemetry_on, run)
+            m.check(i, out)
+            if i > 0:
+                m.record(out, telemetry_on)
+                m.integrity.timed.append(m.integrity.per_request.get(i, (False, 0.0, 0.0)))
+    return ms
+
+
+@dataclass
+class IntegrityRun:
+    """One integrity policy over one run's requests: which were digested, the mismatches
+    D found, and each timed request's digest times (ms; slowest P rank, slowest D rank)."""
+
+    policy: str = "off"
+    flip: str = ""  # tests only: "LAYER:VIEW" planted once, on the first request digested
+    digested: list[str] = field(default_factory=list)  # request ids
+    mismatches: int = 0  # (layer, view) groups that differed, over all D ranks and requests
+    details: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    flipped: list[str] = field(default_factory=list)
+    bytes_per_request: int = 0  # bytes digested on each side of one digested request
+    per_request: dict[int, tuple[bool, float, float]] = field(default_factory=dict)
+    timed: list[tuple[bool, float, float]] = field(default_factory=list)  # (digested, P, D)
+    _src_ms: float = 0.0
+    _planted: bool = False  # a flip is in P's memory now
+
+    @property
+    def enabled(self) -> bool:
+        return IntegrityPolicy.parse(self.policy).enabled
+
+    def sources(self, s: BenchSession, rid: str) -> dict[str, dict[str, bytes]] | None:
+        """P's digests for request ``rid`` (P rank -> D rank -> digest), or None when the
+        P ranks' policy does not select it."""
+        flip = "" if self.flipped else self.flip
+        replies = s.source_digests(rid, self.policy, flip)
+        src = {str(p.rank): r["digests"] for p, r in zip(s.prefill, replies, strict=True)
+               if r["digests"]}
+        if not src:
+            return None
+        self.flipped += [r["flipped"] for r in replies if r["flipped"]]
+        self._planted = any(r["flipped"] for r in replies)
+        if flip and not self.flipped:
+            raise BenchError(f"integrity flip {flip!r}: no P rank serves a descriptor "
+                             "labelled so (LAYER:VIEW, e.g. 3:KV or 0:SSM)")
+        self._src_ms = max(r["ns"] for r in replies) / 1e6
+        return src
+
+    def collect(self, s: BenchSession, i: int, rid: str, replies: Replies,
+                p_selected: bool) -> None:
+        """D's verdicts on request ``rid`` (P digested it when ``p_selected``; a D rank
+        that selected it without P's digests says so itself); undoes a planted flip."""
+        got = [r.get("integrity") for r in replies]
+        if p_selected and any(g is None and r["result"]["status"] == "ok"
+                              for g, r in zip(got, replies, strict=True)):
+            self.errors.append(f"integrity: request {rid}: P digested it but a D rank did "
+                               "not (P and D selected different requests)")
+        got = [g for g in got if g is not None]
+        self.digested.append(rid)
+        for g in got:
+            self.mismatches += g["mismatches"]
+            self.details += [f"{rid}: {line}" for line in g["details"]]
+            self.errors += g["errors"]
+        self.bytes_per_request = sum(g["bytes"] for g in got)
+        dst_ms = max((g["ns"] for g in got), default=0) / 1e6
+        self.per_request[i] = (True, self._src_ms if p_selected else 0.0, dst_ms)
+        if self._planted:
+            s.restore_sources()
+            self._planted = False
 
 
 # ---------------------------------------------------------------------------------
@@ -136,6 +225,7 @@ class Measurements:
     caller: dict[str, list[float]] = field(
         default_factory=lambda: {"on": [], "off": [], "emit_us": []})
     lags: list[float] = field(default_factory=list)  # span-end lag bounds, microseconds
+    integrity: IntegrityRun = field(default_factory=IntegrityRun)
 
     def check(self, i: int, out: dict[str, Replies]) -> None:
         """Failed reads and byte mismatches of request ``i``, in the order read."""
@@ -188,4 +278,4 @@ class Measurements:
                 self.nixl_descs = sum(t["desc_count"] for t in tel) if d == 0 else self.nixl_descs
 
 
-__all__ = ["Measurements", "median", "read_request", "run_requests"]
+__all__ = ["IntegrityRun", "Measurements", "median", "read_request", "run_requests"]

@@ -9,6 +9,12 @@ side; it also gives spans created / stored / dropped (summed over ranks, checked
 the rows in the database), the span cost (per span and per request; the executor builds
 spans only after a request's READs are DONE, so the window holds no span work) and the
 span-end lag bound (``kv.completion_lag_ns``: previous poll -> the poll that saw DONE).
+
+Integrity (:func:`integrity_report`): ``integrity`` (the policy string),
+``integrity_mismatches`` (differing (layer, view) groups over every policy run; 0 on a
+correct run, and for ``off``), the first policy's digest times, and one block per policy
+in ``integrity_modes``: requests digested, digest ms on P and on D, and the transfer
+window with the digests added (``seconds_with_digest_median``).
 """
 
 from __future__ import annotations
@@ -90,6 +96,69 @@ def _lease_counts(leases: dict[int, dict[str, str]]) -> dict[str, int]:
     return {"freed_done": sum(1 for v in freed if v == "done"),
             "freed_other": sum(1 for v in freed if v and v != "done"),
             "held": sum(1 for v in freed if not v)}
+
+
+# ---------------------------------------------------------------------------------
+# Integrity block
+# ---------------------------------------------------------------------------------
+
+
+def integrity_block(m: Measurements, requests: int) -> dict[str, Any]:
+    """One policy's run: what was digested, what differed, and what it cost.  Times are
+    per timed request: P's digest (slowest P rank) + D's digest and compare (slowest D
+    rank), both outside the transfer window; ``with_digest`` adds them to the window."""
+    it = m.integrity
+    dig = [(p, d) for on, p, d in it.timed if on]
+    both = [p + d for p, d in dig]
+    per_req = [p + d for _, p, d in it.timed]
+    with_dig = [sec + ms / 1e3 for sec, ms in zip(m.seconds, per_req, strict=True)]
+    sec_med, wd_med = median(m.seconds), median(with_dig)
+    dst_med = median([d for _, d in dig])
+    return {
+        "policy": it.policy,
+        "requests": requests + 1,  # with the warm-up
+        "digested": len(it.digested),
+        "digested_ids": it.digested,
+        "mismatches": it.mismatches,
+        "mismatch_details": it.details[:50],
+        "errors": it.errors,
+        **({"flipped": it.flipped} if it.flipped else {}),
+        "bytes_per_request": it.bytes_per_request,
+        "src_digest_ms_median": median([p for p, _ in dig]),
+        "dst_digest_ms_median": dst_med,
+        "digest_ms_median": median(both),
+        "digest_ms_per_request": sum(per_req) / len(per_req) if per_req else 0.0,
+        "digest_ms_all": per_req,  # per timed request, P + D (0: not digested)
+        "dst_digest_gbps": it.bytes_per_request / dst_med / 1e6 if dst_med else 0.0,
+        "seconds_median": sec_med,
+        "gbps_median": m.bytes_total / sec_med / 1e9 if sec_med else 0.0,
+        "seconds_with_digest_median": wd_med,
+        "gbps_with_digest_median": m.bytes_total / wd_med / 1e9 if wd_med else 0.0,
+        "verified": not m.mismatches and not m.failures,
+    }
+
+
+def integrity_report(runs: list[Measurements], requests: int) -> dict[str, Any]:
+    """The report's integrity fields for one or more policies run in the same
+    processes (the first gives the top-level numbers); with ``off`` among them each
+    block gets ``ratio_vs_off``: its window with digests over off's window (and
+``window_ratio_vs_off``: the transfer windows alone)."""
+    blocks = {r.integrity.policy: integrity_block(r, requests) for r in runs}
+    first = next(iter(blocks.values()))
+    off = blocks.get("off")
+    for b in blocks.values():
+        if off is not None and off["seconds_median"]:
+            b["ratio_vs_off"] = b["seconds_with_digest_median"] / off["seconds_median"]
+            b["window_ratio_vs_off"] = b["seconds_median"] / off["seconds_median"]
+    return {
+        "integrity": ",".join(blocks),
+        "integrity_mismatches": sum(b["mismatches"] for b in blocks.values()),
+        "integrity_digested": first["digested"],
+        "integrity_digest_ms_median": first["digest_ms_median"],
+        "integrity_digest_ms_per_request": first["digest_ms_per_request"],
+        "integrity_errors": [e for b in blocks.values() for e in b["errors"]],
+        "integrity_modes": blocks,
+    }
 
 
 # ---------------------------------------------------------------------------------
@@ -185,4 +254,5 @@ def telemetry_report(s: BenchSession, init: dict[str, Any], m: Measurements) -> 
     }
 
 
-__all__ = ["OVERHEAD_GOAL", "header", "off_telemetry", "results", "telemetry_report"]
+__all__ = ["OVERHEAD_GOAL", "header", "integrity_block", "integrity_report", "off_telemetry",
+           "results", "telemetry_report"]

@@ -14,6 +14,12 @@ SQLite file ``init['telemetry_db']`` (plus OTLP from the ``OTEL_*`` variables). 
 request is then read twice, untraced and traced, in the same processes, so the report's
 ``telemetry`` block compares transfer windows on / off measured side by side.
 
+Integrity digests (``init['integrity']``, :mod:`hybrid_pd.transfer.integrity`): one
+policy (``off`` | ``every`` | ``sampled:K``) or several, comma-separated; several run
+interleaved request by request in the same processes (same regions, same agents), each
+over its own leased request ids, and the report compares them
+(:func:`report.integrity_report`).
+
 Several modes in one run: ``init['telemetry']`` may list modes, comma-separated
 (``"compare"`` = ``"off,sqlite,sqlite+otlp"``).  Each mode gets its own process group
 (tracing is configured once per process), in turn; each on-mode group has its own
@@ -33,8 +39,16 @@ from typing import Any
 # import them from here.
 from hybrid_pd.bench.case import BenchCase, build_case, make_init
 from hybrid_pd.bench.measure import run_requests
-from hybrid_pd.bench.report import header, off_telemetry, results, telemetry_report
+from hybrid_pd.bench.report import (
+    header,
+    integrity_report,
+    off_telemetry,
+    results,
+    telemetry_report,
+)
 from hybrid_pd.bench.session import BenchError, BenchSession
+from hybrid_pd.settings import DEFAULT_KV_INTEGRITY
+from hybrid_pd.transfer.integrity import VIEWS, IntegrityPolicy
 from hybrid_pd.transfer.reads import parse_granularity
 
 TELEMETRY_MODES = ("off", "sqlite", "sqlite+otlp")
@@ -51,6 +65,25 @@ def parse_telemetry(value: str) -> tuple[str, ...]:
         raise ValueError(f"telemetry must be one of {TELEMETRY_MODES} (comma-separated for "
                          f"several, or 'compare'), got {value!r}")
     return tuple(dict.fromkeys(names))
+
+
+def parse_integrity(value: str) -> tuple[str, ...]:
+    """The policies of ``--integrity``, canonical, in order, each once: ``"every"`` ->
+    ("every",); ``"off,every,sampled:16"`` -> all three."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"integrity: no policy in {value!r}; give one of 'off', 'every' "
+                         "or 'sampled:K' (comma-separated for several)")
+    return tuple(dict.fromkeys(str(IntegrityPolicy.parse(v)) for v in names))
+
+
+def parse_flip(value: str) -> tuple[int, str]:
+    """``"LAYER:VIEW"`` of the test-only planted corruption, e.g. ``"3:KV"``."""
+    layer, _, view = value.partition(":")
+    if not layer.isdigit() or view not in VIEWS:
+        raise ValueError(f"integrity flip must be LAYER:VIEW with VIEW one of {VIEWS}, "
+                         f"got {value!r}")
+    return int(layer), view
 
 
 def run_bench(init: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +120,8 @@ def _merge_modes(reports: list[dict[str, Any]]) -> dict[str, Any]:
         mode = r["telemetry"]["mode"]
         report["failures"] += [f"[{mode}] {m}" for m in r["failures"]]
         report["mismatches"] += [f"[{mode}] {m}" for m in r["mismatches"]]
+        if "integrity_mismatches" in report:
+            report["integrity_mismatches"] += r.get("integrity_mismatches", 0)
     report["verified"] = all(r["verified"] for r in reports)
     return report
 
@@ -97,18 +132,28 @@ def _run_mode(init: dict[str, Any]) -> dict[str, Any]:
     telemetry_on = init.get("telemetry", "off") != "off"
     init.setdefault("run_id", uuid.uuid4().hex[:8])
     parse_granularity(gran)
+    policies = parse_integrity(init.get("integrity", DEFAULT_KV_INTEGRITY))
+    if init.get("integrity_flip"):
+        parse_flip(init["integrity_flip"])
     requests = int(init.get("requests", 5))
     case = build_case(init)
     report = header(init, case, requests, gran)
     with BenchSession(init) as s:
         if s.refused:
             raise BenchError(f"handshake refused:\n{s.refused}")
-        m = run_requests(s, init, requests, gran, telemetry_on)
+        # One run per integrity policy, interleaved in the same processes.
+        runs = run_requests(s, init, requests, gran, telemetry_on, policies)
+        m = runs[0]
         leases = s.leases()
         tel = telemetry_report(s, init, m) if telemetry_on else off_telemetry(m.lags)
     report.update(results(case, m, leases, tel))
+    report.update(integrity_report(runs, requests))
+    for pol, r in zip(policies[1:], runs[1:], strict=True):
+        report["failures"] += [f"[integrity {pol}] {x}" for x in r.failures]
+        report["mismatches"] += [f"[integrity {pol}] {x}" for x in r.mismatches]
+        report["verified"] = report["verified"] and not r.failures and not r.mismatches
     return report
 
 
 __all__ = ["BenchCase", "BenchError", "BenchSession", "build_case", "make_init",
-           "parse_telemetry", "run_bench"]
+           "parse_flip", "parse_integrity", "parse_telemetry", "run_bench"]

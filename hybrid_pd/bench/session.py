@@ -163,13 +163,32 @@ class BenchSession:
 
     # -- requests -------------------------------------------------------------------
     def read(self, request_id: str, kind: str, *, per_layer: bool = False,
-             timeout_s: float | None = None, telemetry: bool = True) -> list[dict[str, Any]]:
+             timeout_s: float | None = None, telemetry: bool = True, integrity: str = "off",
+             integrity_src: dict[str, dict[str, bytes]] | None = None) -> list[dict[str, Any]]:
+        """One READ of every D rank.  ``integrity``: the policy each D rank applies to
+        ``request_id`` (a selected request is digested after the READ and compared with
+        ``integrity_src``, P rank -> D rank -> encoded digest; see :meth:`source_digests`)."""
         msg: dict[str, Any] = {"op": "read", "request_id": request_id, "kind": kind,
                                "per_layer": per_layer, "telemetry": telemetry}
         if timeout_s is not None:
             msg["timeout_s"] = timeout_s
+        if integrity != "off":
+            msg["integrity"] = integrity
+            msg["integrity_src"] = integrity_src or {}
         wait = (timeout_s or float(self.init["timeout_s"])) + 60.0
         return self.broadcast(self.decode, msg, timeout=wait)
+
+    def source_digests(self, request_id: str, integrity: str,
+                       flip: str = "") -> list[dict[str, Any]]:
+        """Every P rank's digests of the sources it serves for ``request_id`` (empty
+        where its ``integrity`` policy does not select the request).  ``flip`` (tests
+        only, ``"LAYER:VIEW"``): each P rank then flips one byte of the first source
+        descriptor so labelled, after its digest; :meth:`restore_sources` undoes it."""
+        return self.broadcast(self.prefill, {"op": "digest", "request_id": request_id,
+                                             "integrity": integrity, "flip": flip})
+
+    def restore_sources(self) -> None:
+        self.broadcast(self.prefill, {"op": "restore"})
 
     def lease(self, request_ids: list[str], lease_s: float) -> None:
         case = build_case(self.init)

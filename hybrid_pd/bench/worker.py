@@ -13,6 +13,13 @@ reference state, registers them with NIXL and answers commands:
   sentinel everywhere else - so padding and unowned bytes must stay untouched).
 
 Both also hold a contiguous baseline buffer for the raw READ of the same byte count.
+
+Integrity digests (``--integrity``, :mod:`hybrid_pd.transfer.integrity`): each rank
+decides from the request id alone whether a request is digested.  P digests the source
+side of every READ it serves (op ``digest``) and the coordinator relays the digests to
+D; D digests its destination right after the READ is DONE and compares, per (layer,
+view).  The test-only ``flip`` plants a corruption on P after its digest was taken
+(op ``restore`` undoes it).
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ from opentelemetry.trace import NoOpTracer, Tracer
 
 from hybrid_pd.bench.case import BenchCase, build_case
 from hybrid_pd.planner.reshard import make_full_state, shard_rank
+from hybrid_pd.planner.views import to_addr_descs
+from hybrid_pd.settings import DEFAULT_KV_INTEGRITY
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.transfer import handshake as hs
+from hybrid_pd.transfer import integrity as ig
 from hybrid_pd.transfer import wire
 from hybrid_pd.transfer.agent import make_agent
 from hybrid_pd.transfer.executor import NixlExecutor, RequestResult
@@ -143,6 +153,8 @@ class Rank:
         )
         self.leases = LeaseTable()
         self.remote_baseline: dict[int, int] = {}
+        self._integrity: dict[int, tuple[Any, np.ndarray, ig.Labels]] | None = None
+        self._flipped: tuple[int, int, int] | None = None  # (region, offset, old byte)
 
     @property
     def agent_name(self) -> str:
@@ -181,6 +193,10 @@ class Rank:
                                            self.leases.leases.items()}}
         if op == "telemetry":
             return self.telemetry_report()
+        if op == "digest":
+            return self.digest_sources(msg)
+        if op == "restore":
+            return {"ok": True, "restored": self.restore()}
         raise ValueError(f"unknown op {op!r}")
 
     def peers(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -215,8 +231,99 @@ class Rank:
         )
         out = {"ok": True, "result": _result_dict(res)}
         if res.status == "ok":
+            policy = ig.IntegrityPolicy.parse(msg.get("integrity", DEFAULT_KV_INTEGRITY))
+            if policy.selects(rid):  # before verify: right after the READ, as D would
+                out["integrity"] = self.digest_destination(msg.get("integrity_src") or {})
             out["verify"] = self.verify()
         return out
+
+    # -- integrity digests ------------------------------------------------------------
+    def _reads(self) -> dict[int, tuple[Any, np.ndarray, ig.Labels]]:
+        """Per peer (D rank on P, P rank on D): the read, this side's ``(addr, len, dev)``
+        rows of its unit descriptors and their labels; built on first use."""
+        if self._integrity is None:
+            case, out = self.case, {}
+            d_ranks = range(case.decode.tp) if self.role == "prefill" else (self.rank,)
+            for d in d_ranks:
+                plan = case.unmerged_plans[d]
+                labels = ig.plan_labels(spec=case.spec, decode=case.decode,
+                                        prefill=case.prefill, plan=plan,
+                                        decode_block_ids=case.decode_ids)
+                for read in plan.reads:
+                    if self.role == "prefill" and read.prefill_rank == self.rank:
+                        descs, peer = read.remote_array, d
+                    elif self.role == "decode":
+                        descs, peer = read.local_array, read.prefill_rank
+                    else:
+                        continue
+                    rows = to_addr_descs(descs, self.ex.region_bases, self.ex.region_lens)
+                    out[peer] = (read, rows, labels[read.prefill_rank])
+            self._integrity = out
+        return self._integrity
+
+    def digest_sources(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """P: digests of every READ's source side for the selected request (none when
+        the policy does not select it), then the planted flip if asked."""
+        self.restore()
+        policy = ig.IntegrityPolicy.parse(msg["integrity"])
+        if not policy.selects(msg["request_id"]):
+            return {"ok": True, "digests": {}, "ns": 0, "bytes": 0, "flipped": ""}
+        reads = self._reads()  # labels and rows once per case, outside the timing
+        t0 = time.perf_counter_ns()
+        digests, nbytes = {}, 0
+        for d, (_, rows, _) in reads.items():
+            dg = ig.digest_descs(rows, side="src", rank=self.rank, peer=d)
+            digests[str(d)] = dg.encode()
+            nbytes += dg.nbytes
+        ns = time.perf_counter_ns() - t0
+        flipped = self.flip(msg["flip"]) if msg.get("flip") else ""
+        return {"ok": True, "digests": digests, "ns": ns, "bytes": nbytes, "flipped": flipped}
+
+    def flip(self, where: str) -> str:
+        """Test only: flip one byte of the first source descriptor labelled ``LAYER:VIEW``
+        (after the digest was taken); '' when this rank serves none."""
+        layer_s, _, view = where.partition(":")
+        for d, (read, _, labels) in sorted(self._reads().items()):
+            for j in range(len(labels)):
+                if labels.at(j) == (int(layer_s), view):
+                    off, n, region = read.remote[j]
+                    at = off + n // 2
+                    buf = self.regions[region]
+                    self._flipped = (region, at, int(buf[at]))
+                    buf[at] ^= 0xFF
+                    return (f"P rank {self.rank}: flipped the byte at region {region} offset "
+                            f"{at} (layer {layer_s} view {view}, descriptor {j} read by D rank "
+                            f"{d})")
+        return ""
+
+    def restore(self) -> bool:
+        if self._flipped is None:
+            return False
+        region, at, old = self._flipped
+        self.regions[region][at] = old
+        self._flipped = None
+        return True
+
+    def digest_destination(self, src: dict[str, dict[str, bytes]]) -> dict[str, Any]:
+        """D: digest every READ's destination and compare with P's digests (``src``: P
+        rank -> D rank -> encoded :class:`~hybrid_pd.transfer.integrity.KVDigest`)."""
+        reads = self._reads()
+        t0 = time.perf_counter_ns()
+        mismatches: list[ig.Mismatch] = []
+        errors: list[str] = []
+        nbytes = ndesc = 0
+        for p, (_, rows, labels) in reads.items():
+            dst = ig.digest_descs(rows, side="dst", rank=self.rank, peer=p)
+            nbytes, ndesc = nbytes + dst.nbytes, ndesc + dst.descriptors
+            blob = src.get(str(p), {}).get(str(self.rank))
+            if blob is None:
+                errors.append(f"integrity: D rank {self.rank}: no digest from P rank {p} "
+                              "(P and D selected different requests?)")
+                continue
+            mismatches += ig.compare(ig.KVDigest.decode(blob), dst, labels)
+        return {"ns": time.perf_counter_ns() - t0, "bytes": nbytes, "descriptors": ndesc,
+                "mismatches": len(mismatches), "details": ig.describe(mismatches),
+                "errors": errors}
 
     def verify(self) -> str:
         """'' when every byte of every region equals the expected image, else where not."""
