@@ -12,7 +12,12 @@ every 500 requests, and ~0.5 % failed transfers with a stall + abort.  Every KV 
 carries ``hybrid_pd.connector``; with ``--upstream-every N`` every Nth request goes
 through ``upstream`` instead, shaped like upstream's connector inside vLLM (one READ per
 D rank for all layers, layer kind ``mixed``; synthetic descriptor and byte counts), so
-the Descriptors page has both connectors to compare.  The schema comes from
+the Descriptors page has both connectors to compare.  Per request the proxy's side is
+written too (service ``hybrid-pd-proxy``): a ``proxy.request`` span and its twelve
+``hybrid_pd.ttft.<phase>`` children, tiling the request's time to first token exactly (its
+``hybrid_pd.ttft_ms`` is their sum), the READ phases over the transfer span; prompt lengths
+from ~50 to ~100k tokens (3 % unknown), a cold handshake on the first request after each
+handshake span (``handover=False``: none of it).  The schema comes from
 ``hybrid_pd.telemetry.schema`` (the one MetaData, all its indexes); rows go in with Core
 executemany in one transaction per 50k rows.  ``--bench`` then times
 ``timeline_queries.request_timeline`` for random requests through a fresh *read-only*
@@ -48,7 +53,8 @@ BATCH = 50_000
 
 
 def _row(rng: random.Random, trace: str, parent: str | None, name: str, start: int, dur: int,
-         attrs: dict[str, Any], engine: str, status: str = "UNSET") -> dict[str, Any]:
+         attrs: dict[str, Any], engine: str | None, status: str = "UNSET",
+         service: str = "hybrid-pd-decode", role: str = "decode") -> dict[str, Any]:
     return {
         "trace_id": trace,
         "span_id": f"{rng.getrandbits(64):016x}",
@@ -60,8 +66,8 @@ def _row(rng: random.Random, trace: str, parent: str | None, name: str, start: i
         "duration_ns": dur,
         "status": status,
         "status_message": attrs.get(A.KV_FAILURE_REASON),
-        "service": "hybrid-pd-decode",
-        "role": "decode",
+        "service": service,
+        "role": role,
         "engine_id": engine,
         "pid": 4242,
         "request_id": attrs.get(A.REQUEST_ID),
@@ -83,8 +89,10 @@ UPSTREAM_BYTES = 4_300_000
 
 
 def request_spans(rng: random.Random, i: int, t: int, fail_rate: float = 0.005,
-                  connector: str = "hybrid") -> list[dict[str, Any]]:
-    """All decode-side spans of request ``i`` starting at ``t`` ns (both D ranks)."""
+                  connector: str = "hybrid", handover: bool = True,
+                  cold: bool = False) -> list[dict[str, Any]]:
+    """All decode-side spans of request ``i`` starting at ``t`` ns (both D ranks) and,
+    with ``handover``, the proxy's request span and TTFT phases (:func:`handover_spans`)."""
     rid = f"cmpl-{i:08d}"
     out: list[dict[str, Any]] = []
     failed = rng.random() < fail_rate
@@ -150,6 +158,68 @@ def request_spans(rng: random.Random, i: int, t: int, fail_rate: float = 0.005,
         }, engine, "ERROR" if failed else "UNSET")
         tr["span_id"] = tid
         out.append(tr)
+    if handover:
+        transfers = [r for r in out if r["name"] == A.SPAN_KV_TRANSFER]
+        out += handover_spans(rng, rid, min(r["start_ns"] for r in transfers),
+                              max(r["end_ns"] for r in transfers), cold)
+    return out
+
+
+def _prompt_tokens(rng: random.Random) -> int | None:
+    """~50 to ~100k tokens, median ~2k; 3 % unknown (no usage attribute)."""
+    if rng.random() < 0.03:
+        return None
+    return max(16, min(131_072, int(rng.lognormvariate(7.6, 1.3))))
+
+
+def handover_spans(rng: random.Random, rid: str, xfer_start: int, xfer_end: int,
+                   cold: bool = False) -> list[dict[str, Any]]:
+    """The proxy's ``proxy.request`` span of ``rid`` and its twelve TTFT phase spans.
+
+    The phases tile [request start, first token sent]: each starts where the previous
+    ended, the READ phases (read_post + read_in_flight) cover the transfer span
+    [xfer_start, xfer_end], the handshake (``cold``: 50-200 ms, else 0) just before it,
+    and P's prefill grows with the prompt.
+    """
+    tokens = _prompt_tokens(rng)
+    n = tokens or 2_000
+    us = 1_000
+    dur = {
+        "router_receive": rng.randint(50, 300) * us,
+        "p_queue": rng.randint(300, 3_000) * us,
+        "p_prefill": int(n * rng.uniform(0.02, 0.04) * 1e6),
+        "p_answer": rng.randint(200, 2_000) * us,
+        "router_to_d": rng.randint(300, 3_000) * us,
+        "d_queue": rng.randint(100, 2_000) * us,
+        "handshake": rng.randint(50, 200) * 1_000 * us if cold else 0,
+        "read_post": 0,
+        "read_in_flight": 0,
+        "completion_noticed": rng.randint(50, 2_000) * us,
+        "d_first_step": rng.randint(5_000, 30_000) * us,
+        "first_token_sent": rng.randint(100, 1_000) * us,
+    }
+    xfer = max(xfer_end - xfer_start, 2)
+    dur["read_post"] = max(1, min(xfer // 4, rng.randint(30, 300) * us))
+    dur["read_in_flight"] = xfer - dur["read_post"]
+    phases = A.TTFT_PHASES
+    before = sum(dur[p] for p in phases[:phases.index("handshake") + 1])
+    start = xfer_start - before
+    ttft_ns = sum(dur.values())
+    trace = f"{rng.getrandbits(128):032x}"
+    root = f"{rng.getrandbits(64):016x}"
+    base: dict[str, Any] = {A.REQUEST_ID: rid, A.TTFT_MS: ttft_ns / 1e6, A.TTFT_COLD: cold,
+                            A.GEN_AI_USAGE_INPUT_TOKENS: tokens}
+    base = {k: v for k, v in base.items() if v is not None}
+    proxy = {"engine": None, "service": "hybrid-pd-proxy", "role": "proxy"}
+    req = _row(rng, trace, None, A.SPAN_PROXY_REQUEST, start,
+               ttft_ns + rng.randint(20, 400) * 1_000 * us, base, **proxy)
+    req["span_id"], req["kind"] = root, "SERVER"
+    out = [req]
+    t = start
+    for index, phase in enumerate(phases):
+        out.append(_row(rng, trace, root, f"hybrid_pd.ttft.{phase}", t, dur[phase], {
+            **base, A.TTFT_PHASE: phase, A.TTFT_INDEX: index, A.TTFT_SKEW_NS: 0}, **proxy))
+        t += dur[phase]
     return out
 
 
@@ -163,11 +233,12 @@ def handshake_spans(rng: random.Random, t: int) -> list[dict[str, Any]]:
 
 
 def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.005,
-             upstream_every: int = 0) -> int:
+             upstream_every: int = 0, handover: bool = True) -> int:
     """Write ~``n_spans`` spans to a fresh SQLite file at ``path``; returns the row count.
 
     ``upstream_every`` > 0: request ``i`` goes through ``upstream`` when
     ``i % upstream_every == upstream_every - 1`` (the others through ``hybrid``).
+    ``handover``: also the proxy's request and TTFT phase spans of every request.
     """
     rng = random.Random(seed)
     path.unlink(missing_ok=True)
@@ -185,7 +256,8 @@ def generate(path: Path, n_spans: int, seed: int = 1234, fail_rate: float = 0.00
                 batch += handshake_spans(rng, t)
                 t += 200_000_000
             up = upstream_every > 0 and i % upstream_every == upstream_every - 1
-            batch += request_spans(rng, i, t, fail_rate, "upstream" if up else "hybrid")
+            batch += request_spans(rng, i, t, fail_rate, "upstream" if up else "hybrid",
+                                   handover, cold=i % 500 == 0)
             t += rng.randint(2_000_000, 40_000_000)  # 25-500 requests/s
             i += 1
         with engine.begin() as conn:
@@ -231,7 +303,14 @@ PAGE_QUERIES: dict[str, tuple[str, ...]] = {
     "Layers": ("check_db", "time_bounds", "reads"),
     "Descriptors": ("check_db", "time_bounds", "desc_build_stats", "connectors", "connector_reads"),
     "Failures": ("check_db", "time_bounds", "failure_counts", "failures"),
+    "Handover": ("check_db", "time_bounds", "handover_tables", "request_phases"),
 }
+
+
+def _handover_tables(hq: Any, phases: Any) -> list[Any]:
+    """What the Handover page derives from its load: requests, percentiles, buckets."""
+    return [hq.requests(phases), hq.phase_percentiles(phases),
+            hq.phase_percentiles(phases, by_size=False), hq.phase_buckets(phases)]
 
 
 def bench_queries(path: Path, repeats: int = 5) -> list[tuple[str, str, float, float, int]]:
@@ -241,6 +320,7 @@ def bench_queries(path: Path, repeats: int = 5) -> list[tuple[str, str, float, f
     "last 1 min"; rows is the length of the result (a dict's: its number of keys).
     """
     from hybrid_pd.dashboard import connector_queries as cq
+    from hybrid_pd.dashboard import handover_queries as hq
     from hybrid_pd.dashboard import queries
     from hybrid_pd.dashboard import timeline_queries as tq
     from hybrid_pd.dashboard import transfer_queries as xq
@@ -267,6 +347,10 @@ def bench_queries(path: Path, repeats: int = 5) -> list[tuple[str, str, float, f
             "connector_reads": lambda s=s, e=e: cq.connector_reads(engine, s, e),
             "request_list(latest)": lambda: tq.request_list(engine, "latest"),
             "request_timeline": lambda: tq.request_timeline(engine, rid),
+            # the page's one load, then what it derives from it (pandas)
+            "phase_spans": lambda s=s, e=e: hq.phase_spans(engine, s, e),
+            "handover_tables": lambda s=s, e=e: _handover_tables(hq, hq.phase_spans(engine, s, e)),
+            "request_phases": lambda: hq.request_phases(engine, rid),
         }
         for name, fn in calls.items():
             first, med = _timed(fn, repeats)

@@ -17,7 +17,7 @@ from hybrid_pd.settings import ENV_TELEMETRY_DB
 from hybrid_pd.telemetry.schema import SCHEMA_VERSION, metadata_obj, schema_version_table
 
 APP = str(Path(__file__).resolve().parents[1] / "hybrid_pd" / "dashboard" / "app.py")
-PAGES = ("overview", "timeline", "layers", "descriptors", "failures")
+PAGES = ("overview", "timeline", "handover", "layers", "descriptors", "failures")
 CONNECTORS_CAPTION = "Connectors in this range: "  # views/descriptors.py, under the metrics
 
 

@@ -17,25 +17,26 @@ import pytest
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 from test_dashboard_app import charts, metrics, open_page
-from test_dashboard_instances import P0, P1, D, without_processes, write_multi_host
+from test_dashboard_handover import write_handover_db
+from test_dashboard_instances import P0, P1, D, without_processes
 from test_dashboard_queries import MS, T0, SpanWriter, write_upstream
 
 from hybrid_pd.dashboard import display
 from hybrid_pd.dashboard import instance_queries as iq
 from hybrid_pd.telemetry import attributes as A
 
-PAGES = ("overview", "timeline", "layers", "descriptors", "failures")
+PAGES = ("overview", "timeline", "handover", "layers", "descriptors", "failures")
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# A metric value: a count, or a number with its unit ("25.2 ms", "229 MiB", "1.23 GiB/s").
-METRIC_VALUE = re.compile(r"^-?[\d,]+(\.\d+)? ?(µs|ms|s|B|KiB|MiB|GiB|TiB)?(/s)?$")
+# A metric value: a count, or a number with its unit ("25.2 ms", "229 MiB", "1.23 GiB/s",
+# "23.9%").
+METRIC_VALUE = re.compile(r"^-?[\d,]+(\.\d+)? ?(µs|ms|s|B|KiB|MiB|GiB|TiB|%)?(/s)?$")
 MAX_METRIC_CHARS = 10  # what fits a metric's column at 1280 px, three per row
 
 
 @pytest.fixture(scope="module")
 def hosts_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("display") / "spans.db"
-    write_multi_host([str(db)])
-    return db
+    """The two hosts' engines and the proxy's TTFT phases of their requests."""
+    return write_handover_db(tmp_path_factory.mktemp("display") / "spans.db")
 
 
 @pytest.fixture(scope="module")

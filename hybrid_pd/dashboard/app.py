@@ -32,6 +32,8 @@ pg = st.navigation(
                     default=True),
             st.Page(PAGES_DIR / "timeline.py", title="Request timeline",
                     icon=":material/view_timeline:", url_path="timeline"),
+            st.Page(PAGES_DIR / "handover.py", title="Handover",
+                    icon=":material/waterfall_chart:", url_path="handover"),
         ],
         "Details": [
             st.Page(PAGES_DIR / "layers.py", title="Layers", icon=":material/layers:"),

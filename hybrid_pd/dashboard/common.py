@@ -279,3 +279,15 @@ def metric_row(items: list[Metric]) -> None:
     cut with "…" (seven in a row cut "25.15 ms" at 1280 px)."""
     for col, (label, value, *help_) in zip(st.columns(len(items)), items, strict=True):
         col.metric(label, value, help=help_[0] if help_ else None)
+
+
+def request_mode(modes: tuple[str, ...], mode_key: str, id_key: str) -> tuple[str, str | None]:
+    """How the page picks its request: ``(mode, request id typed or linked)``.  A link
+    (``?request=``) opens "by id" (the last mode) with that id filled in."""
+    wanted = st.query_params.get("request")
+    mode = st.radio("Pick a request", modes, horizontal=True, key=mode_key,
+                    index=len(modes) - 1 if wanted else 0)
+    if mode != modes[-1]:
+        return mode, None
+    rid = st.text_input("request id", value=wanted or "", key=id_key).strip()
+    return mode, rid or None

@@ -46,6 +46,8 @@ _NAME_CATEGORY: dict[str, str] = {
     A.SPAN_KV_NOTIFY: "notify",
     A.SPAN_KV_STALL: "failure",
     A.SPAN_KV_ABORT: "failure",
+    # the handover phases are the proxy's spans (its clock, its request)
+    **{name: "proxy" for name in A.SPANS if name.startswith("hybrid_pd.ttft.")},
 }
 MIB, GIB = 1 << 20, 1 << 30
 TIME_AXIS_TITLE = "time since the request's first span (ms)"

@@ -32,7 +32,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 SPAN_KV_DESC_BUILD = "hybrid_pd.kv.desc_build"
 # One NIXL READ handle (per request, or per layer when the plan reads per layer).
 SPAN_KV_READ = "hybrid_pd.kv.read"
-# The decode side's whole KV pull for one request; parent of its read spans.
+# The decode side's whole KV pull for one request (bench: parent of its reads; engines: beside them).
 SPAN_KV_TRANSFER = "hybrid_pd.kv.transfer"
 # Once per P-D pair: agent metadata exchange and remote descriptor registration.
 SPAN_KV_HANDSHAKE = "hybrid_pd.kv.handshake"
@@ -88,7 +88,8 @@ SPANS: dict[str, str] = {
     SPAN_KV_DESC_BUILD: "Descriptor list build; `kv.desc.scope` says local registration, "
     "remote (per handshake) or the per-request block-id -> descriptor-id mapping.",
     SPAN_KV_READ: "One NIXL READ handle: post to DONE/ERR; per layer when the plan reads per layer.",
-    SPAN_KV_TRANSFER: "Decode side: all reads of one request (parent of its `hybrid_pd.kv.read` spans).",
+    SPAN_KV_TRANSFER: "Decode side: all reads of one request (in `hybrid-pd bench` the parent of its "
+    "`hybrid_pd.kv.read` spans; inside the engines their sibling under the proxy's decode call).",
     SPAN_KV_HANDSHAKE: "Once per P-D pair: agent metadata, base addresses, block counts.",
     SPAN_KV_NOTIFY: "D notifies P that the request's blocks may be freed; inside a prefill engine: "
     "the blocks held for D, from the hand-over to D's notification (or the lease expiry).",

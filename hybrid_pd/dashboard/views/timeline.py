@@ -7,6 +7,7 @@ import streamlit as st
 from hybrid_pd.dashboard import common, display, figures
 from hybrid_pd.dashboard import instance_queries as iq
 from hybrid_pd.dashboard.display import Col
+from hybrid_pd.dashboard.handover_queries import PHASE_SPANS
 from hybrid_pd.telemetry import attributes as A
 
 MODES = ("latest", "slowest", "by id")
@@ -28,12 +29,9 @@ SPAN_COLUMNS: dict[str, Col] = {
 
 def pick_request(db: str, engines: common.Engines) -> str | None:
     """The request to show: ``?request=`` (links from other pages), else the picker."""
-    wanted = st.query_params.get("request")
-    mode = st.radio("Pick a request", MODES, horizontal=True, key="pick_mode",
-                    index=2 if wanted else 0)
-    if mode == "by id":
-        rid = st.text_input("request id", value=wanted or "", key="request_id").strip()
-        return rid or None
+    mode, rid = common.request_mode(MODES, "pick_mode", "request_id")
+    if mode == MODES[-1]:
+        return rid
     reqs = common.request_list(db, mode, engines)  # type: ignore[arg-type]
     if reqs.empty:
         return None
@@ -60,6 +58,9 @@ def body() -> None:
         st.warning(f"No spans for request `{rid}`.")
         return
     st.query_params["request"] = rid  # shareable URL for this view
+    if df["name"].isin(PHASE_SPANS).any():  # the proxy's TTFT phases: the Handover page
+        st.page_link("views/handover.py", label="Time to first token, phase by phase (Handover)",
+                     icon=":material/waterfall_chart:", query_params={"request": rid})
     rd = df[df["name"] == A.SPAN_KV_READ]
     tr = df[df["name"] == A.SPAN_KV_TRANSFER]
     common.metric_row([
