@@ -1,8 +1,10 @@
-"""Shared fixtures: the tiny models (built once per session), an OTLP receiver, a PostgreSQL cluster."""
+"""Shared fixtures: the tiny models (built once per session), an OTLP receiver, a PostgreSQL cluster, headless Chromium."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +82,35 @@ def pg_cluster() -> Iterator[PgCluster]:
 def pg_url(pg_cluster: PgCluster) -> str:
     """SQLAlchemy URL (``postgresql+psycopg://...``) of an empty database in that cluster."""
     return pg_cluster.create_database("hybrid_pd")
+
+
+# ----------------------------------------------------- headless Chromium (dashboard tests)
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        # CI's set-up installs them (it runs as root): there a missing browser is a failure.
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} / {CHROMEDRIVER} missing in CI: scripts/setup.sh should install them")
+        pytest.skip("needs Debian chromium + chromium-driver: run scripts/setup.sh as root "
+                    "(apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="hybrid-pd-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1280,800",
+                f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

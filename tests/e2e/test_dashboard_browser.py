@@ -7,13 +7,12 @@ the test skips with that hint when they are missing.  The screenshot goes to
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,19 +28,17 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 REQUEST = "r0"
 
 
-@pytest.fixture(scope="module")
-def dashboard(bench_spans_db: Path) -> Iterator[str]:
-    """`hybrid-pd dashboard --db ... --port N` running; yields its base URL."""
+@contextlib.contextmanager
+def dashboard_at(db: Path) -> Iterator[str]:
+    """`hybrid-pd dashboard --db DB --port N` running; yields its base URL."""
     port = free_port()
-    log = open(bench_spans_db.parent / "dashboard.log", "w")  # noqa: SIM115 - closed below
+    log_path = db.parent / f"dashboard-{port}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hybrid_pd.cli", "dashboard", "--db", str(bench_spans_db),
-         "--port", str(port)],
+        [sys.executable, "-m", "hybrid_pd.cli", "dashboard", "--db", str(db), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # own group: kill only it
     )
     base = f"http://127.0.0.1:{port}"
@@ -54,7 +51,7 @@ def dashboard(bench_spans_db: Path) -> Iterator[str]:
                         break
             except OSError:
                 pass
-            assert proc.poll() is None, (bench_spans_db.parent / "dashboard.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "dashboard did not come up in 90 s"
             time.sleep(0.5)
         yield base
@@ -68,31 +65,10 @@ def dashboard(bench_spans_db: Path) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture
-def browser() -> Iterator[object]:
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        # CI's set-up installs them (it runs as root): there a missing browser is a failure.
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} / {CHROMEDRIVER} missing in CI: scripts/setup.sh should install them")
-        pytest.skip("needs Debian chromium + chromium-driver: run scripts/setup.sh as root "
-                    "(apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="hybrid-pd-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1280,800",
-                f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+@pytest.fixture(scope="module")
+def dashboard(bench_spans_db: Path) -> Iterator[str]:
+    with dashboard_at(bench_spans_db) as base:
+        yield base
 
 
 def expected_read_rows(db: Path, request_id: str) -> int:

@@ -433,3 +433,58 @@ def test_engine_metrics_match_the_spans(served: Served) -> None:
     assert total(d, "vllm:nixl_xfer_time_seconds_count") == sum(n for n, _ in want["reads"].values())
     assert total(d, "hybrid_pd_engine_spans_exported_total", sink="sqlite") > 0
     print(f"bytes moved / optimal = {moved / optimal:.3f}")
+
+
+# ------------------------------------------------- the dashboard on this serve's database
+
+PAGES = ("", "timeline", "handover", "layers", "descriptors", "failures")
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# every st.metric value and label, and whether its text overflows its box (CSS ellipsis)
+CLIPPED_JS = """
+return Array.from(document.querySelectorAll(
+    '[data-testid="stMetricValue"], [data-testid="stMetricLabel"]'))
+  .map(e => [e.innerText, e.scrollWidth > e.clientWidth + 1]);
+"""
+
+
+def test_dashboard_pages_at_1280px_on_this_serves_database(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    """Every page, on the database this serve wrote with its default flags, in Chromium at
+    1280 px: something drawn, no metric value or label cut off, no raw engine UUID, no
+    Deploy button; the Layers page has the per-layer READs of the default sampling (the
+    warm-up is read layer by layer); screenshots of the Handover page go to artifacts/."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from e2e.test_dashboard_browser import ARTIFACTS, dashboard_at
+
+    layered = _query(served.db, "SELECT COUNT(*) FROM spans WHERE name = ? AND layer IS NOT NULL",
+                     A.SPAN_KV_READ)
+    assert layered and layered[0][0] > 0, "serve's default granularity read no request per layer"
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+    ARTIFACTS.mkdir(exist_ok=True)
+    with dashboard_at(served.db) as base:
+        for page in PAGES:
+            browser.get(f"{base}/{page}")
+            wait = WebDriverWait(browser, 90)
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+                       or d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]'))
+            time.sleep(2.0)  # the rest of the page's elements after the first chart
+            text = browser.find_element(By.TAG_NAME, "body").text
+            assert "Traceback" not in text and "Error" not in text.split("\n")[0], (page, text[:2000])
+            clipped = [t for t, over in browser.execute_script(CLIPPED_JS) if over]
+            assert not clipped, f"page /{page}: metric text cut off at 1280 px: {clipped}"
+            assert not re.search(UUID_RE, text), (page, re.search(UUID_RE, text))
+            assert "Deploy" not in text, page
+            if page in ("", "layers", "handover"):
+                assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"), (page, text[:1500])
+            if page == "handover":
+                browser.save_screenshot(str(ARTIFACTS / "dashboard_handover.png"))
+        browser.get(f"{base}/handover?request=handover-1100-stream")
+        WebDriverWait(browser, 90).until(
+            lambda d: "handover-1100-stream" in d.find_element(By.TAG_NAME, "body").text)
+        time.sleep(2.0)
+        browser.save_screenshot(str(ARTIFACTS / "dashboard_handover_request.png"))
+        assert (ARTIFACTS / "dashboard_handover.png").stat().st_size > 10_000
