@@ -486,5 +486,8 @@ def test_dashboard_pages_at_1280px_on_this_serves_database(served: Served, brows
         WebDriverWait(browser, 90).until(
             lambda d: "handover-1100-stream" in d.find_element(By.TAG_NAME, "body").text)
         time.sleep(2.0)
-        browser.save_screenshot(str(ARTIFACTS / "dashboard_handover_request.png"))
+        waterfall = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[-1]
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", waterfall)
+        time.sleep(0.5)
+        waterfall.screenshot(str(ARTIFACTS / "dashboard_handover_request.png"))
         assert (ARTIFACTS / "dashboard_handover.png").stat().st_size > 10_000
