@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print()
     print(f"hybrid-pd demo: {Path(args.model).name}, P TP={args.prefill_tp}, D TP={args.decode_tp}, "
-          f"connector={args.connector}, reads per {args.kv_read_granularity}, greedy, "
+          f"connector={args.connector}, reads per {args.kv_read_granularity}, "
+          f"KV integrity {args.kv_integrity or 'off'}, greedy, "
           f"{args.max_tokens} new tokens")
     print(f"engine start (s): reference {ref_start:.0f}, prefill {starts['prefill']:.0f}, "
           f"decode {starts['decode']:.0f}")

@@ -23,6 +23,9 @@ KEY_READ_GRANULARITY = "hybrid_read_granularity"  # request | layer | sampled:K
 KEY_READ_TIMEOUT = "hybrid_read_timeout_s"
 # D's wait for each P rank's NIXL metadata (vLLM 0.32 hard-codes 5 s); seconds.
 KEY_HANDSHAKE_TIMEOUT = "hybrid_handshake_timeout_s"
+# KV integrity digests inside a P/D pair (hybrid_pd.connector.integrity): off | every |
+# sampled:K; P and D must be given the same value (serve passes it to both).
+KEY_KV_INTEGRITY = "hybrid_kv_integrity"
 
 DEFAULT_READ_GRANULARITY = "request"  # the connector's own: one READ per P rank (upstream's)
 # hybrid-pd serve/demo: per-layer READs for one request in 16 (the first one included), so
@@ -30,6 +33,8 @@ DEFAULT_READ_GRANULARITY = "request"  # the connector's own: one READ per P rank
 SERVE_READ_GRANULARITY = "sampled:16"
 # KV integrity digests (hybrid_pd.transfer.integrity): off | every | sampled:K.
 DEFAULT_KV_INTEGRITY = "off"
+# D's longest wait for P's digests once its READs are done (then: unchecked, not failed).
+DEFAULT_INTEGRITY_WAIT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
 DEFAULT_LEASE_S = 120  # upstream's 30 s freed blocks before a loaded D read them
@@ -46,6 +51,8 @@ TRACE_PARAMS_KEY = "hybrid_pd_trace"
 HANDOVER_PARAMS_KEY = "hybrid_pd_handover"
 HANDOVER_ROUTE = "/hybrid_pd/handover"
 HANDOVER_MIDDLEWARE = "hybrid_pd.connector.handover_route.HandoverRoute"  # vllm serve --middleware
+# The route of P's API server (same middleware) that serves P's integrity digests to D.
+INTEGRITY_ROUTE = "/hybrid_pd/integrity"
 
 # -- environment variables ------------------------------------------------------------------
 ENV_TELEMETRY_DB = "HYBRID_PD_TELEMETRY_DB"  # span database URL/path for engines + dashboard
@@ -57,6 +64,11 @@ ENV_HOME = "HYBRID_PD_HOME"  # tiny models' cache root
 ENV_API_KEY = "VLLM_API_KEY"  # upstream's; serve hands it to P, D and the proxy via env only
 ENV_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # upstream's, set per engine
 ENV_CONV_LAYOUT = "VLLM_SSM_CONV_STATE_LAYOUT"  # upstream's; DS is what NIXL reads need
+# TEST ONLY (tests/e2e/test_integrity_e2e.py), read by the hybrid connector's workers; they
+# act only on requests whose proxy request id carries the marker named in
+# hybrid_pd.connector.integrity (FLIP_MARKER, PLANT_MARKER).  Never set them in production.
+ENV_TEST_INTEGRITY_FLIP = "HYBRID_PD_TEST_INTEGRITY_FLIP"  # "LAYER:VIEW": P flips a byte after its digest
+ENV_TEST_INTEGRITY_PLANT = "HYBRID_PD_TEST_INTEGRITY_PLANT"  # "1": D reads B (or conv) one row late
 
 # -- ports (hybrid-pd serve) --------------------------------------------------------------
 PORT_PROXY = 8000

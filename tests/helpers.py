@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import queue
 import random
 import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +196,51 @@ def wait_idle(c: Any, engines: dict[str, str], bound: float) -> float:
             return time.monotonic() - t0
         assert time.monotonic() - t0 < bound, f"not idle after {bound:.0f} s (blocks held?): {gauges}"
         time.sleep(1.0)
+
+
+# ------------------------------------------------------------------- hybrid-pd serve
+
+
+def serve_command(model: Path, ports: Any, run_dir: Path, *extra: str) -> list[str]:
+    """``hybrid-pd serve MODEL`` on ``ports`` (a serve.supervisor.Ports) with ``extra`` flags."""
+    return [sys.executable, "-m", "hybrid_pd.cli", "serve", str(model),
+            "--port", str(ports.proxy), "--prefill-port", str(ports.prefill),
+            "--decode-port", str(ports.decode),
+            "--prefill-side-channel-port", str(ports.prefill_side_channel),
+            "--decode-side-channel-port", str(ports.decode_side_channel),
+            "--run-dir", str(run_dir), *extra]
+
+
+def stop_serve(serve: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGTERM (serve stops its children), SIGKILL after ``timeout_s``."""
+    serve.send_signal(signal.SIGTERM)
+    try:
+        serve.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        serve.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], env: dict[str, str] | None = None,
+            ready_s: float = 600) -> Iterator[tuple[subprocess.Popen, Output]]:
+    """A `hybrid-pd serve` ready (after its warm-up request through the pair); stopped at
+    the end.  Fails the test with serve's output if it exits or is not ready in time."""
+    import pytest
+
+    serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env)
+    out = Output(serve)
+    try:
+        deadline = time.monotonic() + ready_s
+        while True:
+            try:
+                out.wait_for("serving on", 5)
+                break
+            except AssertionError:
+                if serve.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"hybrid-pd serve not serving (exit code {serve.poll()}):\n"
+                                + out.rest()[-6000:])
+        yield serve, out
+    finally:
+        stop_serve(serve)

@@ -144,7 +144,7 @@ def test_upstream_tracing_refuses_a_removed_wrapped_method(monkeypatch):
     base = _upstream_worker().__mro__[1]  # NixlBaseConnectorWorker defines it
     monkeypatch.delattr(base, "_pop_done_transfers")
     reason = registry.by_name("nixl-upstream-tracing").check()
-    assert reason is not None and "_pop_done_transfers (read path replaces, tracing wraps): required a method " \
+    assert reason is not None and "_pop_done_transfers (read path replaces, integrity wraps): required a method " \
         "(self, transfers), found no such method on NixlPullConnectorWorker" in reason
 
 

@@ -91,8 +91,9 @@ def test_request_goes_to_p_then_d(path):
     rid = r.headers["x-request-id"]
     # P's params reach D unchanged, plus the trace hand-off for the engines' connector
     tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"  # no tracer here: the caller's, forwarded
+    # D's hand-off also names the P engine that prefilled (D fetches P's integrity digests there)
     assert d_req["body"]["kv_transfer_params"] == {
-        **KV, TRACE_PARAMS_KEY: {"request_id": rid, "traceparent": tp}}
+        **KV, TRACE_PARAMS_KEY: {"request_id": rid, "traceparent": tp, "prefill_url": P}}
     assert p_req["body"]["kv_transfer_params"][TRACE_PARAMS_KEY] == {"request_id": rid, "traceparent": tp}
     assert d_req["body"]["max_tokens"] == 9
     # one request id and the caller's trace context reach both engines

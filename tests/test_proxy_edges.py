@@ -192,7 +192,8 @@ def test_client_kv_transfer_params_are_replaced_for_p_and_d():
     (p_req,), (d_req,) = engines.seen["p"], engines.seen["d"]
     assert p_req["body"]["kv_transfer_params"] == {"do_remote_decode": True,
                                                    TRACE_PARAMS_KEY: {"request_id": rid}}
-    assert d_req["body"]["kv_transfer_params"] == {**KV, TRACE_PARAMS_KEY: {"request_id": rid}}
+    assert d_req["body"]["kv_transfer_params"] == {**KV, TRACE_PARAMS_KEY: {"request_id": rid,
+                                                                             "prefill_url": P}}
 
 
 # -- per-engine pools: 503 + Retry-After when full -------------------------------------

@@ -44,10 +44,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
 from hybrid_pd.connector import contract
 from hybrid_pd.connector import vllm_mapping as vm
 from hybrid_pd.connector.handover import record
+from hybrid_pd.connector.integrity import policy_from
 from hybrid_pd.connector.sides import LocalSide, Side, derive_local, derive_remote
 from hybrid_pd.connector.stats import MOVED_KEY, HybridKVConnectorStats
 from hybrid_pd.planner.pair import PairPlan
-from hybrid_pd.planner.plan import RequestPlan, render_plan
+from hybrid_pd.planner.plan import PeerTemplate, RequestPlan, render_plan
 from hybrid_pd.planner.render import rank_costs
 from hybrid_pd.settings import DEFAULT_READ_GRANULARITY, KEY_READ_GRANULARITY
 from hybrid_pd.transfer.reads import (
@@ -105,6 +106,7 @@ class HybridWorkerCore(NixlPullConnectorWorker):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self._hy_granularity = str(extra.get(KEY_READ_GRANULARITY, DEFAULT_READ_GRANULARITY))
         parse_granularity(self._hy_granularity)  # a clear ValueError at start
+        policy_from(extra)  # --kv-integrity: a clear ValueError at start (.integrity)
         # Our planner models Mamba2 hybrids; a model without Mamba state (dense) keeps
         # upstream's descriptors and reads unchanged through this same connector.
         self._hy_active = self._has_mamba
@@ -196,13 +198,17 @@ class HybridWorkerCore(NixlPullConnectorWorker):
             self._hy_adding = None
         if remote_tp_size != self._hy_local.side.layout.tp and \
                 remote_tp_rank not in peer.local_handles:
-            template = peer.pair.template(remote_tp_rank)
-            fa, mamba = self._hy_local.side.view(template, "local")
-            descs = self.nixl_wrapper.get_xfer_descs(np.concatenate([fa, mamba]),
-                                                     self.region_mem_types[0])
-            peer.local_handles[remote_tp_rank] = self.nixl_wrapper.prep_xfer_dlist(
-                "NIXL_INIT_AGENT", descs)
+            peer.local_handles[remote_tp_rank] = self._hy_prep_local_view(
+                peer.pair.template(remote_tp_rank))
         return name
+
+    def _hy_prep_local_view(self, template: PeerTemplate) -> int:
+        """Our local dual view for one P rank's template, prepped with NIXL (a handle)."""
+        assert self._hy_local is not None
+        fa, mamba = self._hy_local.side.view(template, "local")
+        descs = self.nixl_wrapper.get_xfer_descs(np.concatenate([fa, mamba]),
+                                                 self.region_mem_types[0])
+        return self.nixl_wrapper.prep_xfer_dlist("NIXL_INIT_AGENT", descs)
 
     # upstream: NixlBaseConnectorWorker._cleanup_remote_engine (wrapped)
     def _cleanup_remote_engine(self, engine_id: str, *, log_eviction: bool = True) -> None:

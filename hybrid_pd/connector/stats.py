@@ -14,13 +14,15 @@ our rows added; :class:`HybridPromMetrics` is upstream's metrics plus ours:
 * ``hybrid_pd_handover_phase_seconds`` {phase}: the handover phases measured inside this
   engine (D: d_queue .. d_first_step; P: p_prefill);
 * ``hybrid_pd_kv_stalls_total``, ``hybrid_pd_kv_aborts_total``,
-  ``hybrid_pd_kv_integrity_failures_total``;
+  ``hybrid_pd_kv_integrity_failures_total``, ``hybrid_pd_kv_integrity_checks_total``,
+  ``hybrid_pd_kv_integrity_skips_total``;
 * ``hybrid_pd_engine_spans_dropped_total`` {sink,reason} /
   ``hybrid_pd_engine_spans_exported_total`` {sink}: the engine process's span sinks (its
   own registry is not the API server's).
 
 The API server also keeps each D request's handover instants for the proxy
-(:data:`HANDOVERS`, served by :mod:`.handover_route`).
+(:data:`HANDOVERS`) and, with ``--kv-integrity``, each P request's digests for D
+(:data:`INTEGRITY`); :mod:`.handover_route` serves both.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ MOVED_KEY = "hy_moved"  # [bytes_moved, bytes_optimal]
 P_SCHED_KEY = "hy_handover_p"  # [p_sched_ns, p_done_ns]
 EVENTS_KEY = "hy_events"  # [kind, n], kind one of EVENTS
 SPANS_KEY = "hy_spans"  # [sink, reason ("" = exported), n]
-HY_KEYS = (READS_KEY, MOVED_KEY, P_SCHED_KEY, EVENTS_KEY, SPANS_KEY, D_SCHED_KEY, D_WORKER_KEY)
+# P's integrity digests (connector.integrity): [p_request_id, rank, tp, block_size, keys, digests]
+INTEGRITY_KEY = "hy_integrity"
+HY_KEYS = (READS_KEY, MOVED_KEY, P_SCHED_KEY, EVENTS_KEY, SPANS_KEY, D_SCHED_KEY, D_WORKER_KEY,
+           INTEGRITY_KEY)
 
 # D phases computed from a request's rows (start index, end index into handover_instants).
 D_PHASES = ("d_queue", "handshake", "read_post", "read_in_flight", "completion_noticed",
@@ -53,9 +58,17 @@ EVENTS = {
     "stall": "READs given up by the stall guard (no progress within the read timeout).",
     "abort": "Transfers given up (stall, dead peer, bad handshake); the request failed "
     "through kv_load_failure_policy.",
-    "integrity_failure": "READs whose destination digest differed from P's source digest.",
+    "integrity_failure": "Requests (per D rank) whose KV, digested after the READs, differed "
+    "from P's digests of the same units; the request failed through kv_load_failure_policy.",
+    "integrity_check": "Requests (per D rank) whose KV was compared with P's digests "
+    "(--kv-integrity), whatever the outcome.",
+    "integrity_skip": "Requests (per D rank) selected for an integrity check that ran "
+    "unchecked: P's digests did not arrive in time (or could not be compared).",
 }
 HANDOVERS_MAX = 8192  # requests whose instants D's API server keeps for the proxy
+# P's API server keeps the digests of at most this many requests / characters for D.
+INTEGRITY_MAX = 2048
+INTEGRITY_MAX_CHARS = 64 << 20
 
 
 class HybridKVConnectorStats(NixlKVConnectorStats):
@@ -144,6 +157,41 @@ def handover(rid: str) -> dict[str, Any] | None:
         return dict(entry) if entry is not None and entry.get("complete") else None
 
 
+INTEGRITY: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_integrity_chars = 0
+
+
+def take_integrity(data: dict[str, Any]) -> None:
+    """Keep P's digest rows of one step (:data:`INTEGRITY_KEY`) for D, per P request and
+    rank; the oldest go first past :data:`INTEGRITY_MAX` entries or
+    :data:`INTEGRITY_MAX_CHARS` characters."""
+    global _integrity_chars
+    rows = data.get(INTEGRITY_KEY)
+    if not rows:
+        return
+    with _lock:
+        for rid, rank, tp, block_size, keys, digests in rows:
+            entry = INTEGRITY.get(str(rid))
+            if entry is None:
+                entry = INTEGRITY[str(rid)] = {"request_id": str(rid), "tp": int(tp),
+                                               "block_size": int(block_size), "ranks": {}}
+            entry["ranks"][str(int(rank))] = {"keys": str(keys), "digests": str(digests)}
+            _integrity_chars += len(keys) + len(digests)
+        while INTEGRITY and (len(INTEGRITY) > INTEGRITY_MAX
+                             or _integrity_chars > INTEGRITY_MAX_CHARS):
+            _, old = INTEGRITY.popitem(last=False)
+            _integrity_chars -= sum(len(r["keys"]) + len(r["digests"])
+                                    for r in old["ranks"].values())
+
+
+def integrity(rid: str) -> dict[str, Any] | None:
+    """P's digests of its request ``rid`` (vLLM's id on P) as far as they arrived: every
+    P rank's once ``len(ranks) == tp``."""
+    with _lock:
+        entry = INTEGRITY.get(rid)
+        return None if entry is None else {**entry, "ranks": dict(entry["ranks"])}
+
+
 def d_phase_seconds(entry: dict[str, Any]) -> dict[str, float]:
     """The D phases of a complete entry (seconds, each >= 0)."""
     marks = [entry["d_arrival_ns"], entry.get("d_load_ns", 0), entry.get("d_read_begin_ns", 0),
@@ -225,6 +273,7 @@ class HybridPromMetrics(NixlPromMetrics):
                 self._labels(self._spans_exported, engine_idx, sink).inc(n)
         for sched, done in data.get(P_SCHED_KEY) or ():
             self._labels(self._phase, engine_idx, "p_prefill").observe(max(0, done - sched) / 1e9)
+        take_integrity(data)
         for entry in take_rows(data):
             for phase, seconds in d_phase_seconds(entry).items():
                 self._labels(self._phase, engine_idx, phase).observe(seconds)

@@ -10,9 +10,11 @@ bookkeeping), the side-channel handshake and compatibility hash, memory registra
 notifications, failure handling, and ``NixlKVConnectorStats`` (NIXL telemetry ->
 ``vllm:nixl_*`` metrics).
 
-The worker is three layers, front to back:
+The worker is four layers, front to back:
 
 * :class:`~.vllm_tracing.TracedWorkerMixin` - spans only, no NIXL calls;
+* :class:`~.integrity.IntegrityWorkerMixin` - KV integrity digests (``--kv-integrity``,
+  off by default): P digests, D digests and compares before it reports the KV loaded;
 * :class:`~.read_path.ReadPathWorkerMixin` - the READ records, polling and stall guard
   shared with ``hybrid-pd bench`` (behaviour; also in front of upstream's worker);
 * :class:`~.hybrid_worker.HybridWorkerCore` - our layout, pair plans and reads.
@@ -38,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 from hybrid_pd.connector import contract
 from hybrid_pd.connector.handover import D_SCHED_KEY, HandoverSchedulerMixin
 from hybrid_pd.connector.hybrid_worker import HybridWorkerCore
+from hybrid_pd.connector.integrity import IntegritySchedulerMixin, IntegrityWorkerMixin
 from hybrid_pd.connector.listener import ListenerSchedulerMixin
 from hybrid_pd.connector.quarantine import QuarantineSchedulerMixin
 from hybrid_pd.connector.read_path import ReadPathWorkerMixin
@@ -50,15 +53,18 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 
-class HybridNixlWorker(TracedWorkerMixin, ReadPathWorkerMixin, HybridWorkerCore):
-    """Our worker: spans, then the shared read path, then our core."""
+class HybridNixlWorker(TracedWorkerMixin, IntegrityWorkerMixin, ReadPathWorkerMixin,
+                       HybridWorkerCore):
+    """Our worker: spans, integrity digests, then the shared read path, then our core."""
 
     HY_CONNECTOR = "hybrid"
 
 
-class HybridNixlScheduler(TracedSchedulerMixin, HandoverSchedulerMixin, QuarantineSchedulerMixin,
-                          NotifySchedulerMixin, ListenerSchedulerMixin, NixlPullConnectorScheduler):
+class HybridNixlScheduler(TracedSchedulerMixin, IntegritySchedulerMixin, HandoverSchedulerMixin,
+                          QuarantineSchedulerMixin, NotifySchedulerMixin, ListenerSchedulerMixin,
+                          NixlPullConnectorScheduler):
     """Upstream's pull scheduler, forwarding each request's trace hand-off to the workers,
+    and the block lists of requests selected for integrity digests (:mod:`.integrity`),
     timing the handover (:mod:`.handover`), withholding the blocks of quarantined READs
     (:mod:`.quarantine`) and stepping until P's notification for a refused request went
     out (:mod:`.reports`), and failing start-up when the side channel cannot listen

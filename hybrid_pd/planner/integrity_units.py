@@ -73,6 +73,21 @@ class UnitKey(NamedTuple):
         return f"layer {self.layer} {self.view} {_WHAT[self.view]} {self.index}"
 
 
+class BlockKey(NamedTuple):
+    """A unit of one request cut at logical blocks (:func:`request_units`): K and V
+    units per attention block (``block``: its position in the request, block 0 holding
+    tokens ``[0, block_size)``), Mamba units whole (``block`` -1)."""
+
+    layer: int
+    view: str
+    index: int
+    block: int
+
+    def __str__(self) -> str:
+        unit = str(UnitKey(self.layer, self.view, self.index))
+        return unit if self.block < 0 else f"{unit} block {self.block}"
+
+
 class Unit(NamedTuple):
     """One unit on one rank: ``runs`` is an ``(n, 3)`` int64 array of planner
     descriptors ``(offset, length, region)`` in canonical byte order (so
@@ -130,6 +145,49 @@ def rank_units(spec: HybridModelSpec, layout: EngineLayout, rank: int,
                block_ids: Sequence[Sequence[int]], num_tokens: int) -> list[Unit]:
     """:func:`units_for` with the shard of ``rank`` (:func:`layout.rank_shard`)."""
     return units_for(layout, rank_shard(spec, layout.tp, rank), block_ids, num_tokens)
+
+
+def request_units(spec: HybridModelSpec, layout: EngineLayout, rank: int,
+                  block_ids: Sequence[Sequence[int]], num_tokens: int, *,
+                  first_block: int = 0) -> list[Unit]:
+    """:func:`rank_units` cut per logical block, keyed by :class:`BlockKey`: what P and D
+    compare inside a pair, where D may hold the first blocks of a prompt in its own prefix
+    cache and read only the rest.  The attention lists start at the request's logical
+    block ``first_block`` and hold ``num_tokens`` tokens from there; Mamba lists as in
+    :func:`units_for`.  P digests with ``first_block=0`` (all it computed), D with the
+    number of blocks its prefix cache held (``align_request``'s ``k``): the keys of the
+    blocks both have are equal whatever each side's kernel block size.  Both sides must
+    use the same logical block size.  Sorted by block, then as :func:`units_for`::
+
+        block 256, first_block=1, 300 tokens: K/V of blocks 1 (256 tokens) and 2 (44),
+        then the Mamba units (block -1)
+    """
+    if not isinstance(first_block, int) or first_block < 0:
+        raise ValueError(f"first_block must be an int >= 0, got {first_block!r}")
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    bs = layout.block_size
+    blocks = cdiv(num_tokens, bs)
+    attention = [g.kind is LayerKind.ATTENTION for g in layout.hma_groups]
+    if len(block_ids) != len(attention):
+        raise ValueError(f"block ids for {len(block_ids)} KV cache groups, the layout has "
+                         f"{len(attention)}")
+    for gi, (is_att, ids) in enumerate(zip(attention, block_ids, strict=True)):
+        if is_att and len(ids) < blocks:
+            raise ValueError(f"attention group {gi} has {len(ids)} blocks, {num_tokens} tokens "
+                             f"need {blocks} of {bs}")
+    kv: list[Unit] = []
+    mamba: list[Unit] = []
+    for i in range(blocks):
+        ids_i = [[ids[i]] if is_att else ids for is_att, ids in zip(attention, block_ids,
+                                                                     strict=True)]
+        for u in rank_units(spec, layout, rank, ids_i, min(bs, num_tokens - i * bs)):
+            k = u.key
+            if k.view in ("K", "V"):
+                kv.append(Unit(BlockKey(k.layer, k.view, k.index, first_block + i), u.runs))
+            elif i == 0:
+                mamba.append(Unit(BlockKey(k.layer, k.view, k.index, -1), u.runs))
+    return kv + mamba
 
 
 def key_holders(spec: HybridModelSpec, tp: int, key: UnitKey) -> tuple[int, ...]:
@@ -333,5 +391,5 @@ def _units(layer: int, region: int, keys: Sequence[tuple[str, int]], off: np.nda
             for k, (v, idx) in enumerate(keys)]
 
 
-__all__ = ["VIEWS", "Unit", "UnitKey", "UnitMismatch", "compare_units", "gather",
-           "key_holders", "rank_units", "render_units", "units_for"]
+__all__ = ["VIEWS", "BlockKey", "Unit", "UnitKey", "UnitMismatch", "compare_units", "gather",
+           "key_holders", "rank_units", "render_units", "request_units", "units_for"]

@@ -39,9 +39,11 @@ from hybrid_pd.serve.supervisor import (
     warm_up_pair,
 )
 from hybrid_pd.settings import (
+    DEFAULT_KV_INTEGRITY,
     DEFAULT_READ_TIMEOUT_S,
     ENV_API_KEY,
     ENV_SIDE_CHANNEL_PORT,
+    KEY_KV_INTEGRITY,
     KEY_READ_GRANULARITY,
     KEY_READ_TIMEOUT,
     PORT_DECODE,
@@ -90,6 +92,12 @@ def add_common_launch_args(p: argparse.ArgumentParser) -> None:
                    help="our connector: one READ per P rank and request (upstream's), one per "
                    "layer (per-layer timelines), or per layer for 1 request in K "
                    f"(default {SERVE_READ_GRANULARITY}: per-layer timelines at a small cost)")
+    p.add_argument("--kv-integrity", default=None, metavar="off|every|sampled:K",
+                   help="our connector: digest each selected request's KV on P after its prefill "
+                   "and on D after its READs, and fail the request on D when they differ "
+                   "(kv_load_failure_policy); every request, one in K (chosen from the proxy's "
+                   f"request id, the same on P and D) or off (default {DEFAULT_KV_INTEGRITY}); "
+                   f"kv_connector_extra_config.{KEY_KV_INTEGRITY}, given to P and D alike")
     p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
                    help="no span database (OTLP still follows the OTEL_* variables)")
     p.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for health")
@@ -113,6 +121,14 @@ def kv_extra_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ..
         except ValueError as exc:
             raise SystemExit(f"--kv-read-granularity: {exc}") from exc
         out.append((KEY_READ_GRANULARITY, args.kv_read_granularity))
+    if getattr(args, "kv_integrity", None) is not None:
+        from hybrid_pd.transfer.integrity import IntegrityPolicy
+
+        try:
+            IntegrityPolicy.parse(args.kv_integrity)
+        except ValueError as exc:
+            raise SystemExit(f"--kv-integrity: {exc}") from exc
+        out.append((KEY_KV_INTEGRITY, args.kv_integrity))
     return tuple(out)
 
 

@@ -305,7 +305,8 @@ class PDProxy:
         slot = self.engines.reserve(d)
         try:
             p_answer = await self._prefill(path, body, h, headers)
-            return await self._decode(path, body, p_answer, h.request_id, headers, d, slot)
+            return await self._decode(path, body, p_answer, h.request_id, headers, d, slot,
+                                      h.prefill_url)
         finally:
             slot.give_back()  # no-op once the D call took it over
 
@@ -332,19 +333,20 @@ class PDProxy:
             called_ns = ttft.now_ns()
             answer = await self.engines.calling(p).post_json(p.url + path, p_body, p_headers, slot)
             h.prefill_answered(answer, called_ns)
+            h.prefill_url = p.url
             self.engines.succeeded(p)
             A.set_attrs(span, {A.BACKEND_ENGINE_ID: remote_engine_id(answer)})
             return answer
 
     async def _decode(self, path: str, body: dict, p_answer: dict, request_id: str,
-                      headers: dict, d: Backend, slot: Slot) -> Response:
+                      headers: dict, d: Backend, slot: Slot, prefill_url: str = "") -> Response:
         # Outside D's span: an answer without kv_transfer_params is P's failure.
         d_body = decode_request(body, p_answer)
         url = d.url + path
         with self._engine_span("decode", request_id, d) as span:
             A.set_attrs(span, {A.KV_PEER_ENGINE_ID: remote_engine_id(p_answer)})
             d_headers = traced_headers(headers)
-            d_body = with_trace(d_body, request_id, d_headers)
+            d_body = with_trace(d_body, request_id, d_headers, prefill_url)
             client = self.engines.calling(d)
             if body.get("stream"):
                 # D's span covers the call up to the response headers; the request's span

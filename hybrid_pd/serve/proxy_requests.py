@@ -110,13 +110,18 @@ def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str]) -> dict[str, Any]:
+def with_trace(body: dict[str, Any], request_id: str, headers: dict[str, str],
+               prefill_url: str | None = None) -> dict[str, Any]:
     """``body`` with the trace hand-off for the engines' KV connector added to its
     ``kv_transfer_params``: the ``traceparent``/``tracestate`` of the engine call
     (``headers``, as sent) and our request id, so the connector's spans join the trace
-    under that call (see :mod:`hybrid_pd.telemetry.engine`)."""
+    under that call (see :mod:`hybrid_pd.telemetry.engine`); in D's, ``prefill_url``: the
+    P engine that prefilled it, where D fetches P's integrity digests
+    (:mod:`hybrid_pd.connector.integrity`, ``--kv-integrity``)."""
     hand_off = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
     hand_off["request_id"] = request_id
+    if prefill_url:
+        hand_off["prefill_url"] = prefill_url
     out = dict(body)
     out["kv_transfer_params"] = {**out["kv_transfer_params"], TRACE_PARAMS_KEY: hand_off}
     return out

@@ -80,6 +80,7 @@ class Handover:
     p: dict[str, int] = field(default_factory=dict)
     input_tokens: int | None = None
     first_token_ns: int = 0
+    prefill_url: str = ""  # the P engine that answered (D's hand-off names it)
 
     def prefill_answered(self, answer: dict[str, Any], called_ns: int) -> None:
         self.p_call_ns, self.p_answer_ns = called_ns, now_ns()

@@ -42,6 +42,8 @@ SPAN_KV_NOTIFY = "hybrid_pd.kv.notify"
 SPAN_KV_STALL = "hybrid_pd.kv.stall"
 # A transfer given up (timeout, dead peer, bad handshake); blocks are freed once NIXL ends the READ.
 SPAN_KV_ABORT = "hybrid_pd.kv.abort"
+# KV integrity (--kv-integrity): P digests a request's units, D compares its copy with them.
+SPAN_KV_INTEGRITY = "hybrid_pd.kv.integrity"
 # The proxy's view of one client request (root of the per-request trace).
 SPAN_PROXY_REQUEST = "hybrid_pd.proxy.request"
 # The proxy's call to the prefill engine / the decode engine.
@@ -95,6 +97,12 @@ SPANS: dict[str, str] = {
     "the blocks held for D, from the hand-over to D's notification (or the lease expiry).",
     SPAN_KV_STALL: "A transfer without progress for longer than the stall threshold.",
     SPAN_KV_ABORT: "A transfer given up (timeout, dead peer, bad handshake); blocks freed once NIXL ends the READ.",
+    SPAN_KV_INTEGRITY: "KV integrity check of one request on one rank (`--kv-integrity`): on P the "
+    "digest of its units after the prefill (`kv.status` `digested`); on D the digest of its copy "
+    "once every READ is done and the comparison with P's (`done`), ERROR `mismatch` once per "
+    "differing (layer, view, P rank) naming `kv.layer`, `kv.view`, `kv.peer_rank` (P) and "
+    "`kv.rank` (D), the request then failed; ERROR `unchecked` when P's digests did not arrive "
+    "(the request goes on).",
     SPAN_PROXY_REQUEST: "The proxy's handling of one client request (trace root; a streamed one ends with its stream).",
     SPAN_PROXY_PREFILL: "The proxy's call to the prefill engine.",
     SPAN_PROXY_DECODE: "The proxy's call to the decode engine.",
@@ -153,6 +161,9 @@ KV_COMPLETION_LAG_NS = "kv.completion_lag_ns"
 KV_WAITED_MS = "kv.waited_ms"
 KV_READS = "kv.reads"
 KV_POLLS = "kv.polls"
+KV_UNITS = "kv.units"
+KV_MISMATCHES = "kv.mismatches"
+KV_DIGEST_US = "kv.digest_us"
 
 # Handover breakdown (phase spans and the proxy's request span).
 TTFT_MS = "hybrid_pd.ttft_ms"
@@ -181,7 +192,8 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(GEN_AI_REQUEST_MAX_TOKENS, "int", "Requested max output tokens (GenAI semconv)."),
         AttrSpec(KV_DESC_SCOPE, "string", "Descriptor build scope: `local`, `remote` or `request`."),
         AttrSpec(KV_VIEW, "string", "Descriptor view: `fa`, `conv_x`, `conv_b`, `conv_c`, `ssm`, `mamba` (conv+SSM "
-                 "of a Mamba block, as vLLM's connector lists them) or `all`."),
+                 "of a Mamba block, as vLLM's connector lists them) or `all`; on `hybrid_pd.kv.integrity` "
+                 "the unit view that differs: `K`, `V`, `x`, `B`, `C` or `SSM`."),
         AttrSpec(KV_LAYER, "int", "Layer index in the model (absent when the span covers all layers)."),
         AttrSpec(KV_LAYER_KIND, "string", "Layer kind: `attention` or `mamba` (or `mixed` for a whole-request read)."),
         AttrSpec(KV_GROUP, "int", "HMA KV-cache group index."),
@@ -193,16 +205,24 @@ ATTRIBUTES: dict[str, AttrSpec] = {
         AttrSpec(KV_PEER_TP_SIZE, "int", "Remote TP size."),
         AttrSpec(KV_PEER_ENGINE_ID, "string", "Remote engine id."),
         AttrSpec(KV_BACKEND, "string", "NIXL backend, e.g. `UCX`."),
-        AttrSpec(KV_STATUS, "string", "Outcome: `done`, `failed`, `timeout` or `aborted` (transfers); `cancelled` (proxy spans: the client left)."),
+        AttrSpec(KV_STATUS, "string", "Outcome: `done`, `failed`, `timeout` or `aborted` (transfers); `cancelled` (proxy spans: the client left); "
+                 "`digested`, `done`, `mismatch` or `unchecked` (`hybrid_pd.kv.integrity`)."),
         AttrSpec(KV_FAILURE_REASON, "string", "Why a transfer failed (short, no payload data)."),
         AttrSpec(KV_NIXL_POST_US, "double", "NIXL's own post duration (`get_xfer_telemetry`), microseconds."),
         AttrSpec(KV_NIXL_XFER_US, "double", "NIXL's own transfer duration (`get_xfer_telemetry`), microseconds."),
         AttrSpec(KV_NIXL_DESC_COUNT, "int", "NIXL's descriptor count after merging adjacent descriptors."),
         AttrSpec(KV_COMPLETION_LAG_NS, "int", "Upper bound of how late the read span ends after the real completion: "
                  "first poll that saw DONE minus the previous poll (or the post)."),
-        AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress."),
+        AttrSpec(KV_WAITED_MS, "double", "Stall/abort: how long the transfer waited without progress; "
+                 "`hybrid_pd.kv.integrity` on D: how long D waited for P's digests after its READs."),
         AttrSpec(KV_READS, "int", "READ handles: posted (transfer span) or given up unfinished (abort span)."),
         AttrSpec(KV_POLLS, "int", "Transfer span: check_xfer_state rounds until every READ was DONE or aborted."),
+        AttrSpec(KV_UNITS, "int", "Integrity: units (a KV head's tokens in one block, a Mamba head's or "
+                 "group's state) digested on this rank."),
+        AttrSpec(KV_MISMATCHES, "int", "Integrity: units of this span's (layer, view, P rank) whose "
+                 "digests differ (`mismatch`), or over the request (`done`: 0)."),
+        AttrSpec(KV_DIGEST_US, "double", "Integrity: time this rank spent hashing its units "
+                 "(and, on D, comparing), microseconds."),
         AttrSpec(TTFT_MS, "double", "Time to first token as the proxy measured it (request received "
                  "to first token sent), ms; on the request span and every handover phase span."),
         AttrSpec(TTFT_PHASE, "string", "Handover phase name: the last part of the span name, e.g. `p_queue`."),

@@ -107,6 +107,12 @@ def engine_tracer(engine_id: str | None = None) -> trace.Tracer:
         return _tracer
 
 
+# Keys of the hand-off: the W3C trace context, the proxy's request id and, in D's, the
+# base URL of the P engine that prefilled the request (where D fetches P's integrity
+# digests, hybrid_pd.connector.integrity).
+HAND_OFF_KEYS = ("traceparent", "tracestate", "request_id", "prefill_url")
+
+
 def from_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
     """The trace hand-off from a request's ``kv_transfer_params`` (None if absent/bad)."""
     if not params:
@@ -114,7 +120,7 @@ def from_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
     info = params.get(settings.TRACE_PARAMS_KEY)
     if not isinstance(info, Mapping):
         return None
-    out = {k: v for k, v in info.items() if k in ("traceparent", "tracestate", "request_id")
+    out = {k: v for k, v in info.items() if k in HAND_OFF_KEYS
            and isinstance(v, str) and len(v) < 512}
     return out or None
 

@@ -227,6 +227,26 @@ def digest_rows(rows: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+def digest_units(units_runs: Sequence[np.ndarray], bases: Sequence[int],
+                 lens: Sequence[int]) -> np.ndarray:
+    """XXH3-64 of each unit's bytes: its ``(offset, length, region)`` runs (planner
+    descriptors, :class:`~hybrid_pd.planner.integrity_units.Unit` ``runs``) back to back,
+    streamed from host memory at ``bases[region] + offset`` (nothing copied).  The digest
+    depends on the bytes only, not on where runs break, so two layouts of the same unit
+    (P's and D's) give the same digest.  ``ValueError`` when a run leaves its region."""
+    out = np.empty(len(units_runs), np.uint64)
+    char = ctypes.c_char
+    for i, runs in enumerate(units_runs):
+        h = xxhash.xxh3_64()
+        for off, n, reg in np.asarray(runs, np.int64).reshape(-1, 3).tolist():
+            if not 0 <= reg < len(bases) or off < 0 or n <= 0 or off + n > lens[reg]:
+                raise ValueError(f"unit {i}: run ({off}, {n}, {reg}) is outside the "
+                                 f"{len(bases)} registered regions {list(lens)}")
+            h.update((char * n).from_address(bases[reg] + off))
+        out[i] = h.intdigest()
+    return out
+
+
 def group_digests(values: np.ndarray, labels: Labels) -> tuple[GroupDigest, ...]:
     """Per (layer, view) group: XXH3-64 over its descriptors' digests in order."""
     if len(values) != len(labels):
@@ -324,5 +344,5 @@ def describe(mismatches: Sequence[Mismatch], limit: int = 20) -> list[str]:
 
 
 __all__ = ["POLICY_FORMS", "VIEWS", "VIEW_OF_RUN", "GroupDigest", "IntegrityPolicy", "KVDigest",
-           "Labels", "Mismatch", "compare", "describe", "digest_descs", "digest_rows",
+           "Labels", "Mismatch", "compare", "describe", "digest_descs", "digest_rows", "digest_units",
            "group_digests", "plan_labels", "read_labels", "unit_views"]

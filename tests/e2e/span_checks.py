@@ -132,3 +132,15 @@ def wait_failed_spans(db: Path, name: str, request_part: str | None,
         if rows or time.monotonic() - t0 > bound:
             return rows
         time.sleep(0.5)
+
+
+def integrity_outcomes(db: Path) -> list[dict]:
+    """Every ``hybrid_pd.kv.integrity`` span (P's digests, D's checks): role, rank,
+    peer_rank, request_id, status and its ``kv.status`` / ``kv.view`` / ``kv.layer``."""
+    out = []
+    for r in _rows(db, "SELECT * FROM spans WHERE name = ? ORDER BY start_ns",
+                   A.SPAN_KV_INTEGRITY):
+        attrs = json.loads(r["attributes"])
+        out.append({k: r[k] for k in ("role", "rank", "peer_rank", "request_id", "status")}
+                   | {k: attrs.get(k) for k in (A.KV_STATUS, A.KV_VIEW, A.KV_LAYER)})
+    return out

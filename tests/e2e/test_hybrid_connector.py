@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from helpers import free_port
 
 from e2e import span_checks
 from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
+from hybrid_pd.connector.integrity import PLANT_MARKER
 from hybrid_pd.metrics import NixlMetrics, scrape_nixl_metrics
 from hybrid_pd.serve.engines import LaunchConfig
 from hybrid_pd.serve.supervisor import (
@@ -28,6 +30,7 @@ from hybrid_pd.serve.supervisor import (
     build_supervisor,
     warm_up_pair,
 )
+from hybrid_pd.settings import ENV_TEST_INTEGRITY_PLANT, KEY_KV_INTEGRITY, KEY_READ_GRANULARITY
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -157,10 +160,16 @@ def reference_tp(model: Path, tmp: Path, prompts: list[list[int]], tp: int) -> l
 
 def run_pd_tp(model: Path, tmp: Path, prompts: list[list[int]], prefill_tp: int,
               decode_tp: int, telemetry_db: Path) -> tuple[list[list[int]], list[NixlMetrics], str]:
+    """``prompts`` through P/D with KV integrity digests on every request, then one request
+    through a planted planner bug (D's B run one channel row late), which must fail."""
     ports = pd_ports()
     cfg = LaunchConfig(model=str(model), connector="hybrid",
                        engine_args=engine_args_for(str(model), ()),
-                       telemetry_db=str(telemetry_db))
+                       telemetry_db=str(telemetry_db),
+                       # one READ per (D rank, P rank), warm-up included (serve's default
+                       # reads the first request layer by layer), digests on every request
+                       kv_extra=((KEY_READ_GRANULARITY, "request"), (KEY_KV_INTEGRITY, "every")),
+                       extra_env=((ENV_TEST_INTEGRITY_PLANT, "1"),))
     run_dir = tmp / f"pd-hybrid-p{prefill_tp}-d{decode_tp}"
     reads = max(prefill_tp, decode_tp)  # READs per request over all D ranks
     tokens, per_request = [], []
@@ -179,6 +188,9 @@ def run_pd_tp(model: Path, tmp: Path, prompts: list[list[int]], prefill_tp: int,
                 assert r.status_code == 200, r.text
                 tokens.append(r.json()["choices"][0]["token_ids"])
                 per_request.append(_wait_metrics(c, decode, before, reads) - before)
+            r = c.post(proxy + "/v1/completions", json=body(model, [7] * 300),
+                       headers={"X-Request-Id": f"{PLANT_MARKER}-{uuid.uuid4().hex[:8]}"})
+            assert r.status_code >= 400, f"planted planner bug not caught: {r.status_code}"
         time.sleep(2.0)  # span batches leave every 0.5 s
     return tokens, per_request, (run_dir / "decode.log").read_text(errors="replace")
 
@@ -195,7 +207,9 @@ def test_hybrid_connector_heterogeneous_tp(tiny_models, tmp_path, name, prefill_
     """P TP1 -> D TP2 (each D rank reads its head/group shard from P rank 0) and P TP2 ->
     D TP1 (D reads one shard from each P rank into its own per-peer view), with B/C
     sharded (n_groups=2) and replicated (n_groups=1): greedy tokens equal a single
-    engine at D's TP."""
+    engine at D's TP.  With KV integrity digests on every request (``--kv-integrity
+    every``): each D rank's units equal P's for every request, and a planted planner bug
+    (D's B run one channel row late, a test hook) fails its request, named on B."""
     model = tiny_models[name]
     prompts = [token_prompt(n) for n in HETERO_LENGTHS]
     ref = reference_tp(model, tmp_path, prompts, decode_tp)
@@ -208,7 +222,17 @@ def test_hybrid_connector_heterogeneous_tp(tiny_models, tmp_path, name, prefill_
     # every rank's spans join the request's trace (the hand-off crosses the TP workers);
     # the first trace is the warm-up request (the handshake), which succeeded at once
     traces = span_checks.request_traces(db, "hybrid", 1 + len(prompts), prefill_tp, decode_tp,
-                                        tolerated_failures=0)
+                                        tolerated_failures=1)  # the planted bug's
+    # KV integrity: every request's units equal P's on every D rank (warm-up included),
+    # and the planted bug (D's B run one row late) is named on B
+    checks = span_checks.integrity_outcomes(db)
+    ok = [r for r in checks if r["role"] == "decode" and PLANT_MARKER not in r["request_id"]]
+    assert len(ok) == decode_tp * (1 + len(prompts)), checks
+    assert all(r["status"] != "ERROR" and r["kv.status"] == "done" for r in ok), ok
+    planted = [r for r in checks if r["role"] == "decode" and PLANT_MARKER in r["request_id"]]
+    assert planted and all(r["kv.status"] == "mismatch" for r in planted), checks
+    assert "B" in {r["kv.view"] for r in planted}, planted
+    assert {r["kv.view"] for r in planted} <= {"B", "C"}, planted
     for n, m, tr in zip(HETERO_LENGTHS, metrics, traces[1:], strict=True):
         assert tr.read_bytes == m.bytes and tr.read_descriptors == m.descriptors, (n, m, tr)
     for n, g, r in zip(HETERO_LENGTHS, got, ref, strict=True):

@@ -22,7 +22,7 @@ import time
 import httpx
 import psutil
 import pytest
-from helpers import Output
+from helpers import Output, stop_serve
 
 from e2e.test_hybrid_load import gauge
 from e2e.test_pd_e2e import body, generate, pd_ports, reference, token_prompt
@@ -92,11 +92,7 @@ def test_serve_with_api_key_restarts_a_dead_engine_and_serves_correctly_again(ti
                 assert generate(c, proxy, model, PROMPTS) == ref, f"after restarting {name}"
         assert serve.poll() is None, "".join(out.lines[-60:])
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_serve(serve)
     assert serve.returncode == 0, "".join(out.lines[-60:])
     run_dir = tmp_path / "serve"
     log = (run_dir / "decode.log").read_text(errors="replace")

@@ -20,10 +20,7 @@ notifies P) and the 0.5 s batches of both sinks are waited for with a bound.
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Output, Rotel
+from helpers import Rotel, serve_command, serving
 
 from e2e.test_pd_e2e import body, pd_ports, streamed_tokens, token_prompt
 from hybrid_pd.telemetry import attributes as A
@@ -78,35 +75,11 @@ def served(rotel: Rotel, tiny_models: dict[str, Path],
     # only the standard variable: the OTLP sink of every process follows it
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{rotel.grpc_port}"
-    cmd = [sys.executable, "-m", "hybrid_pd.cli", "serve", str(model),
-           "--port", str(ports.proxy), "--prefill-port", str(ports.prefill),
-           "--decode-port", str(ports.decode),
-           "--prefill-side-channel-port", str(ports.prefill_side_channel),
-           "--decode-side-channel-port", str(ports.decode_side_channel),
-           "--run-dir", str(tmp / "serve"), "--telemetry-db", str(db),
-           "--health-timeout", "500"]
-    serve = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env)
-    out = Output(serve)
-    try:
-        deadline = time.monotonic() + 600
-        while True:  # ready = after serve's warm-up request through the pair
-            try:
-                out.wait_for("serving on", 5)
-                break
-            except AssertionError:
-                if serve.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"hybrid-pd serve not serving (exit code {serve.poll()}):\n"
-                                + out.rest()[-6000:])
+    cmd = serve_command(model, ports, tmp / "serve", "--telemetry-db", str(db),
+                        "--health-timeout", "500")
+    with serving(cmd, env):
         yield Served(f"http://127.0.0.1:{ports.proxy}", model, db, rotel,
                      f"http://127.0.0.1:{ports.prefill}", f"http://127.0.0.1:{ports.decode}")
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------ the sinks
