@@ -29,6 +29,7 @@ from hybrid_pd.serve.supervisor import (
     build_reference_supervisor,
     build_supervisor,
 )
+from hybrid_pd.settings import KEY_READ_GRANULARITY
 from hybrid_pd.tiny_models import engine_args_for
 
 pytestmark = pytest.mark.e2e
@@ -105,7 +106,10 @@ def test_hybrid_pd_matches_single_engine(tiny_models, tmp_path):
     prompts = [token_prompt(n) for n in HYBRID_LENGTHS]
     ref = reference(model, tmp_path, prompts, ())
     ports = pd_ports()
-    cfg = LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()))
+    # one READ per request (check_pd counts them); serve's default also reads 1 in 16 per
+    # layer, which tests/e2e/test_serve_telemetry.py covers
+    cfg = LaunchConfig(model=str(model), engine_args=engine_args_for(str(model), ()),
+                       kv_extra=((KEY_READ_GRANULARITY, "request"),))
     with build_supervisor(cfg, tmp_path / "pd", ports) as sup:
         sup.start()
         sup.wait_healthy(600, progress=False)
