@@ -49,7 +49,7 @@ from hybrid_pd.connector.sides import LocalSide, Side, derive_local, derive_remo
 from hybrid_pd.connector.stats import MOVED_KEY, HybridKVConnectorStats
 from hybrid_pd.planner.pair import PairPlan
 from hybrid_pd.planner.plan import PeerTemplate, RequestPlan, render_plan
-from hybrid_pd.planner.render import rank_costs
+from hybrid_pd.planner.render import optimal_bytes
 from hybrid_pd.settings import DEFAULT_READ_GRANULARITY, KEY_READ_GRANULARITY
 from hybrid_pd.transfer.reads import (
     PostError,
@@ -283,8 +283,7 @@ class HybridWorkerCore(NixlPullConnectorWorker):
             req.plan = pair.plan(req.decode_ids,
                                  vm.reorder(aligned.prefill_block_ids, self._hy_local.perm),
                                  aligned.num_tokens, merge=False)
-            optimal = rank_costs(pair.spec, pair.decode, pair.prefill, pair.decode_rank,
-                                 aligned.num_tokens).bytes_optimal
+            optimal = optimal_bytes(pair.spec, pair.decode, aligned.num_tokens)
             record(self.xfer_stats, MOVED_KEY, [req.plan.bytes, optimal])
         return req.plan
 

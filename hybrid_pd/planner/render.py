@@ -22,6 +22,16 @@ class RankCosts:
     descriptors_upstream: int
 
 
+def optimal_bytes(spec: HybridModelSpec, decode: EngineLayout, num_tokens: int,
+                  mamba_blocks_per_group: int = 1) -> int:
+    """The least bytes one D rank needs for ``num_tokens``: FA ``ceil(N/kb)`` kernel blocks x
+    the rank's heads, Mamba its conv + ssm share (arithmetic only: the connector calls it
+    per request)."""
+    n_kb = cdiv(num_tokens, decode.kernel_block_size)
+    return (len(spec.attention_layers) * n_kb * decode.kernel_block_bytes
+            + len(spec.mamba_layers) * mamba_blocks_per_group * decode.mamba_state_bytes)
+
+
 def rank_costs(
     spec: HybridModelSpec,
     decode: EngineLayout,
@@ -30,22 +40,19 @@ def rank_costs(
     num_tokens: int,
     mamba_blocks_per_group: int = 1,
 ) -> RankCosts:
-    """Optimal: FA ``ceil(N/kb)`` kernel blocks x the D rank's heads, Mamba its conv +
-    ssm share.  Padded: whole D pages of the same blocks.  Upstream (vLLM 0.32): every
+    """Optimal: :func:`optimal_bytes`.  Padded: whole D pages of the same blocks.  Upstream (vLLM 0.32): every
     kernel block of every logical block, per-peer runs unmerged (FA one per head slice,
     two in the split layout; Mamba conv + ssm at equal TP, x/B/C + ssm otherwise)."""
     templates = peer_templates(spec, decode, prefill, decode_rank)
     n_fa = len(spec.attention_layers)
     n_mamba = len(spec.mamba_layers)
-    kb = decode.kernel_block_size
-    n_kb = cdiv(num_tokens, kb)
     n_logical = cdiv(num_tokens, decode.block_size)
     kb_bytes_owned = decode.kernel_block_bytes  # the rank's heads, K and V
     mamba_bytes = decode.mamba_state_bytes
     fa_runs = sum(len(t.fa_runs) for t in templates)
     m_runs = sum(len(t.mamba_runs) for t in templates)
     return RankCosts(
-        bytes_optimal=n_fa * n_kb * kb_bytes_owned + n_mamba * mamba_blocks_per_group * mamba_bytes,
+        bytes_optimal=optimal_bytes(spec, decode, num_tokens, mamba_blocks_per_group),
         bytes_padded=(n_fa * n_logical + n_mamba * mamba_blocks_per_group)
         * decode.page_size_bytes,
         bytes_upstream=n_fa * n_logical * decode.ratio * kb_bytes_owned
