@@ -50,6 +50,8 @@ TRACE_PARAMS_KEY = "hybrid_pd_trace"
 # connector.handover), and the route of D's API server that serves D's instants.
 HANDOVER_PARAMS_KEY = "hybrid_pd_handover"
 HANDOVER_ROUTE = "/hybrid_pd/handover"
+# On the routes' own 404 (not there yet): a 404 without it means the engine does not serve them.
+ROUTE_HEADER = "x-hybrid-pd-route"
 HANDOVER_MIDDLEWARE = "hybrid_pd.connector.handover_route.HandoverRoute"  # vllm serve --middleware
 # The route of P's API server (same middleware) that serves P's integrity digests to D.
 INTEGRITY_ROUTE = "/hybrid_pd/integrity"

@@ -167,3 +167,31 @@ def test_decode_row_when_the_first_token_also_finishes_the_request() -> None:
     s.request_finished(req, [])
     (row,), _ = s.hy_handover_take()
     assert row[0] == "proxy-c"
+
+
+def test_proxy_asks_again_only_while_the_route_says_not_yet(monkeypatch) -> None:
+    import asyncio
+
+    import httpx
+
+    from hybrid_pd.connector.handover_route import HandoverRoute
+
+    calls: list[str] = []
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:  # an engine without our route
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    monkeypatch.setattr(ttft, "FETCH_WAIT_S", 0.0)
+    rid = "proxy-fetch"
+
+    async def run(app: Any) -> Any:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+            return await ttft.fetch_d(http, "http://d", rid)
+
+    assert asyncio.run(run(plain)) is None and len(calls) == 1  # no retries
+    routed = HandoverRoute(plain)
+    assert asyncio.run(run(routed)) is None and len(calls) == 1  # ours: "not yet", every try
+    stats.take_rows({D_SCHED_KEY: [[rid, 5, 50, 60]]})
+    assert asyncio.run(run(routed))["d_first_token_ns"] == 60

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 from starlette.responses import JSONResponse
 
-from hybrid_pd.settings import HANDOVER_ROUTE, INTEGRITY_ROUTE
+from hybrid_pd.settings import HANDOVER_ROUTE, INTEGRITY_ROUTE, ROUTE_HEADER
 
 
 class HandoverRoute:
@@ -49,5 +49,5 @@ class HandoverRoute:
                 entry, what = stats.integrity(rid), "integrity digests"
             answer = (JSONResponse(entry) if entry is not None else
                       JSONResponse({"error": f"no {what} for request {rid!r} (yet)"},
-                                   status_code=404))
+                                   status_code=404, headers={ROUTE_HEADER: "1"}))
         await answer(scope, receive, send)

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Tracer
 from prometheus_client import Counter, Histogram
 
-from hybrid_pd.settings import HANDOVER_PARAMS_KEY, HANDOVER_ROUTE
+from hybrid_pd.settings import HANDOVER_PARAMS_KEY, HANDOVER_ROUTE, ROUTE_HEADER
 from hybrid_pd.telemetry import attributes as A
 
 logger = logging.getLogger("hybrid_pd.proxy")
@@ -125,8 +125,8 @@ async def fetch_d(http: httpx.AsyncClient, d_url: str, request_id: str) -> dict[
             return None
         if resp.status_code == 200:
             return resp.json()
-        if resp.status_code != 404:
-            return None
+        if resp.status_code != 404 or ROUTE_HEADER not in resp.headers:
+            return None  # an engine without our route (upstream's connector): no retries
         await asyncio.sleep(FETCH_WAIT_S)
     return None
 
