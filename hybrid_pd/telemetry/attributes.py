@@ -227,8 +227,8 @@ ATTRIBUTES: dict[str, AttrSpec] = {
                  "to first token sent), ms; on the request span and every handover phase span."),
         AttrSpec(TTFT_PHASE, "string", "Handover phase name: the last part of the span name, e.g. `p_queue`."),
         AttrSpec(TTFT_INDEX, "int", "Handover phase position, 0 (`router_receive`) to 11 (`first_token_sent`)."),
-        AttrSpec(TTFT_SKEW_NS, "int", "Nanoseconds this phase's end was moved forward because a clock "
-                 "(another host's) put it before its start; 0 on one box."),
+        AttrSpec(TTFT_SKEW_NS, "int", "Nanoseconds this phase's end was moved because a clock "
+                 "(another host's) put it before its start or after the first token; 0 on one box."),
         AttrSpec(TTFT_COLD, "bool", "The request waited for a NIXL handshake (first request of a P-D pair)."),
         AttrSpec(GEN_AI_USAGE_INPUT_TOKENS, "int", "Prompt tokens (GenAI semconv), on the request span "
                  "and the handover phase spans."),
