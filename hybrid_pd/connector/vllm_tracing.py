@@ -39,7 +39,7 @@ from hybrid_pd.connector.stats import EVENTS_KEY, READS_KEY, SPANS_KEY, SpanTall
 from hybrid_pd.settings import TRACE_PARAMS_KEY
 from hybrid_pd.telemetry import attributes as A
 from hybrid_pd.telemetry import engine as tel
-from hybrid_pd.telemetry.recorder import BACKEND, SpanRecorder, clock_offset_ns
+from hybrid_pd.telemetry.recorder import BACKEND, SpanRecorder, clock_offset_ns, read_window
 from hybrid_pd.transfer.reads import ReadResult, now_ns
 
 META_ATTR = TRACE_PARAMS_KEY
@@ -281,8 +281,7 @@ class TracedWorkerMixin:
             rec.reason = st.failures.get(rec.request_id, "")
         st.rec.read(self._hy_ctx(rec.request_id), rec, req_id=rec.request_id)
         if rec.status == "DONE":  # the same duration and bytes as the read span
-            t0 = rec.t_make_ns or rec.t_post_ns or rec.t_end_ns
-            t1 = rec.t_end_ns or rec.t_done_ns or t0
+            t0, t1 = read_window(rec)
             handover.record(self._hy_stats(), READS_KEY, [rec.kind, max(0, t1 - t0) / 1e9,
                                                           int(rec.bytes)])
 

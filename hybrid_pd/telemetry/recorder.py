@@ -65,6 +65,13 @@ def read_attrs(rec: Any) -> dict[str, A.AttrValue | None]:
     return attrs
 
 
+def read_window(rec: Any) -> tuple[int, int]:
+    """A READ record's (start, end), monotonic ns: handle creation (else the post) to the
+    outcome seen -- the read span's, and the connector's READ-time metric's."""
+    t0 = rec.t_make_ns or rec.t_post_ns or rec.t_end_ns
+    return t0, rec.t_end_ns or rec.t_done_ns or t0
+
+
 class SpanRecorder:
     """Emits finished spans from monotonic stamps on one tracer.
 
@@ -101,8 +108,7 @@ class SpanRecorder:
     def read(self, ctx: Context | None, rec: Any, *, req_id: str | None = None,
              extra: Attrs | None = None, off: int | None = None) -> None:
         """The READ span of one record: post (or handle creation) to its outcome."""
-        t0 = rec.t_make_ns or rec.t_post_ns or rec.t_end_ns
-        t1 = rec.t_end_ns or rec.t_done_ns or t0
+        t0, t1 = read_window(rec)
         fail = "" if rec.status == "DONE" else (rec.reason[:200] or rec.status)
         self.emit(A.SPAN_KV_READ, ctx, t0, t1,
                   lambda: {**read_attrs(rec), **(extra or {})}, req_id=req_id, fail=fail,
@@ -128,4 +134,4 @@ class SpanRecorder:
         }, req_id=req_id, fail=status, off=off)
 
 
-__all__ = ["BACKEND", "SpanRecorder", "clock_offset_ns", "read_attrs"]
+__all__ = ["BACKEND", "SpanRecorder", "clock_offset_ns", "read_attrs", "read_window"]
